@@ -1,0 +1,26 @@
+# Two set-up commands for a fresh machine (see README): `make demo` and `make test`.
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+BIN := $(VENV)/bin
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+
+# Stamp files so that a second `make` does not reinstall.
+$(VENV)/.installed: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install -q -e .
+	touch $@
+
+$(VENV)/.installed-dev: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $(VENV)/.installed $@
+
+.PHONY: demo test install
+install: $(VENV)/.installed
+
+demo: $(VENV)/.installed
+	$(BIN)/aft demo
+
+test: $(VENV)/.installed-dev
+	$(BIN)/python -m pytest tests

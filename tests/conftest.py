@@ -1,0 +1,24 @@
+"""Shared fixtures: a tokenizer and a tiny randomly initialised Llama, built offline in under a second."""
+
+import pytest
+import torch
+
+from aft.tiny import build_model, build_tokenizer
+
+CORPUS = [
+    "Tom has 3 apples and buys 4 more. How many apples does he have?",
+    "3 + 4 = 7\n#### 7",
+    "A box holds 12 pens. 5 boxes hold 12 * 5 = 60 pens.\n#### 60",
+    "The answer is 42. Question: Answer: Step",
+] * 20
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    return build_tokenizer(CORPUS, vocab_size=300)
+
+
+@pytest.fixture
+def tiny_model(tokenizer):
+    torch.manual_seed(0)
+    return build_model(tokenizer, size="test", seed=0)

@@ -1,0 +1,69 @@
+"""completion_logprobs against a plain full-softmax computation, with left and right padding."""
+
+import pytest
+import torch
+
+from aft.scoring import completion_logprobs, sequence_scores
+
+
+def reference_logprobs(model, prompt_ids, completion_ids):
+    """The obvious way: one unpadded sequence, full log-softmax over the vocabulary, sum completion tokens."""
+    ids = torch.tensor([prompt_ids + completion_ids])
+    logp = torch.log_softmax(model(ids).logits.float(), dim=-1)[0]
+    total = sum(logp[len(prompt_ids) + j - 1, tok].item() for j, tok in enumerate(completion_ids))
+    return total, len(completion_ids)
+
+
+def pad_batch(pairs, pad_id, side):
+    """Batch (prompt, completion) token lists with padding on ``side``; completion_mask marks completions."""
+    width = max(len(p) + len(c) for p, c in pairs)
+    ids, attn, comp = [], [], []
+    for p, c in pairs:
+        seq, pad = p + c, width - len(p) - len(c)
+        mask = [0] * len(p) + [1] * len(c)
+        if side == "left":
+            ids.append([pad_id] * pad + seq), attn.append([0] * pad + [1] * len(seq)), comp.append([0] * pad + mask)
+        else:
+            ids.append(seq + [pad_id] * pad), attn.append([1] * len(seq) + [0] * pad), comp.append(mask + [0] * pad)
+    return torch.tensor(ids), torch.tensor(attn), torch.tensor(comp, dtype=torch.bool)
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+@pytest.mark.parametrize("chunk_size", [1, 3, 1024])
+def test_matches_full_softmax(tiny_model, tokenizer, side, chunk_size):
+    tiny_model.eval()
+    pairs = [
+        (tokenizer.encode("Tom has 3 apples."), tokenizer.encode(" 3 + 4 = 7")),
+        (tokenizer.encode("A box"), tokenizer.encode(" holds 12 pens.\n#### 60")),
+        (tokenizer.encode("Question: How many apples does he have? Answer:"), tokenizer.encode(" 7")),
+    ]
+    ids, attn, comp = pad_batch(pairs, tokenizer.pad_token_id, side)
+    with torch.no_grad():
+        sums, counts = completion_logprobs(tiny_model, ids, attn, comp, chunk_size=chunk_size)
+        for k, (p, c) in enumerate(pairs):
+            ref_sum, ref_count = reference_logprobs(tiny_model, p, c)
+            assert counts[k].item() == ref_count
+            assert sums[k].item() == pytest.approx(ref_sum, abs=1e-4)
+    assert sequence_scores(sums, counts).tolist() == pytest.approx((sums / counts).tolist())
+
+
+def test_prompt_and_padding_never_count(tiny_model, tokenizer):
+    tiny_model.eval()
+    p, c = tokenizer.encode("Tom has 3 apples."), tokenizer.encode(" 7")
+    ids, attn, comp = pad_batch([(p, c), (p + c + c + c, c)], tokenizer.pad_token_id, "right")
+    with torch.no_grad():
+        _, counts = completion_logprobs(tiny_model, ids, attn, comp)
+    assert counts.tolist() == [len(c), len(c)]
+
+
+def test_gradients_match_full_softmax(tiny_model, tokenizer):
+    p, c = tokenizer.encode("Tom has 3 apples."), tokenizer.encode(" 3 + 4 = 7")
+    ids, attn, comp = pad_batch([(p, c)], tokenizer.pad_token_id, "right")
+    sums, _ = completion_logprobs(tiny_model, ids, attn, comp, chunk_size=2)  # checkpointed chunks
+    sums.sum().backward()
+    chunked = {n: w.grad.clone() for n, w in tiny_model.named_parameters()}
+    tiny_model.zero_grad()
+    logp = torch.log_softmax(tiny_model(ids).logits.float(), dim=-1)[0]
+    sum(logp[len(p) + j - 1, tok] for j, tok in enumerate(c)).backward()
+    for n, w in tiny_model.named_parameters():
+        torch.testing.assert_close(chunked[n], w.grad, atol=1e-5, rtol=1e-4)
