@@ -1,0 +1,158 @@
+"""``aft eval``: task accuracy (greedy), majority-vote accuracy, and assessment accuracy.
+
+*Assessment accuracy* (A-accuracy, METHOD.md) asks whether the model ranks its own reasoning the right
+way: over a labelled set of sampled COTs, the fraction of (better, worse) pairs of the same question whose
+scores the model orders correctly, ``s_better > s_worse`` (a tie counts one half). The scores are the
+length-normalised log-likelihoods of ``aft.scoring``, the same quantity AFT trains.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from aft.data import SFTCollator, encode_completion, encode_prompt, load_groups, positives
+from aft.losses import pair_mask
+from aft.models import ModelFields, load_model, load_tokenizer
+from aft.sample import generate_batch, plan_batches
+from aft.scoring import completion_logprobs, sequence_scores
+
+
+@dataclass
+class EvalConfig(ModelFields):
+    """Evaluate a model on a task split (and, given labelled groups, its assessment accuracy)."""
+
+    task: str = field(default="arithmetic", metadata={"help": "Task name (see `aft.tasks`)."})
+    data_path: str | None = field(default=None, metadata={"help": "Local JSONL file or folder; default: the hub."})
+    split: str = field(default="test", metadata={"help": "Split to evaluate on."})
+    limit: int | None = field(default=None, metadata={"help": "Only the first N questions."})
+    output: str = field(default="eval.json", metadata={"help": "JSON file for the metrics."})
+    max_new_tokens: int = field(default=256, metadata={"help": "Longest completion in tokens."})
+    batch_size: int = field(default=32, metadata={"help": "Questions per generate call."})
+    vote_samples: int = field(default=0, metadata={"help": "Samples per question for majority voting (0: off)."})
+    vote_temperature: float = field(default=0.8, metadata={"help": "Temperature of the voting samples."})
+    groups: str | None = field(default=None, metadata={
+        "help": "Labelled groups JSONL on which to measure assessment accuracy (e.g. test-question samples)."})
+    max_length: int = field(default=512, metadata={"help": "Longest sequence scored for assessment accuracy."})
+    seed: int = field(default=0, metadata={"help": "Seed of the voting samples."})
+
+
+def generate_all(model, tokenizer, prompts, k=1, temperature=0.0, max_new_tokens=256, batch_size=32, seed=0,
+                 desc="generate"):
+    """``generate_batch`` over many prompts, in length-sorted batches, with a progress bar."""
+    out = [None] * len(prompts)
+    for b, batch in enumerate(tqdm(plan_batches(tokenizer, prompts, batch_size), desc=desc, unit="batch")):
+        texts = generate_batch(model, tokenizer, [prompts[i] for i in batch], k, temperature,
+                               max_new_tokens=max_new_tokens, seed=seed * 1_000_003 + b)
+        for i, t in zip(batch, texts):
+            out[i] = t
+    return out
+
+
+def majority(answers):
+    """Most common extracted answer (ties: the first seen); None when nothing was extracted."""
+    counts = Counter(a for a in answers if a is not None)
+    return max(counts, key=lambda a: (counts[a], -answers.index(a))) if counts else None
+
+
+@torch.no_grad()
+def score_groups(model, tokenizer, groups, max_length=512, batch_size=16):
+    """Every candidate's score s(c) under ``model``: a list of float lists, one per group (None: too long)."""
+    model.eval()
+    flat = [(g, k) for g, group in enumerate(groups) for k in range(len(group["completions"]))]
+    scores = [[None] * len(group["completions"]) for group in groups]
+    prompts = [encode_prompt(tokenizer, group["prompt"]) for group in groups]
+    usable = []
+    for g, k in flat:
+        ids = encode_completion(tokenizer, groups[g]["completions"][k])
+        if len(prompts[g]) + len(ids) <= max_length:
+            usable.append((g, k, ids))
+    device = next(model.parameters()).device
+    collate = SFTCollator(tokenizer.pad_token_id)
+    for start in tqdm(range(0, len(usable), batch_size), desc="score", unit="batch"):
+        chunk = usable[start:start + batch_size]
+        batch = collate([{"prompt_ids": prompts[g], "completion_ids": ids} for g, _, ids in chunk])
+        sums, counts = completion_logprobs(model, **{k: v.to(device) for k, v in batch.items()})
+        for (g, k, _), s in zip(chunk, sequence_scores(sums, counts).tolist()):
+            scores[g][k] = s
+    return scores
+
+
+def assessment_accuracy(groups, scores) -> dict:
+    """A-accuracy and mean scores of positives and negatives, from labelled groups and their scores."""
+    ordered = ties = total = 0
+    pos, neg = [], []
+    for group, s in zip(groups, scores):
+        keep = [k for k, v in enumerate(s) if v is not None]
+        if not keep:
+            continue
+        sc = torch.tensor([[s[k] for k in keep]], dtype=torch.float64)
+        lab = torch.tensor([[float(group["labels"][k]) for k in keep]])
+        pairs = pair_mask(lab)[0]
+        diff = sc[0].unsqueeze(1) - sc[0].unsqueeze(0)
+        ordered += int(((diff > 0) & pairs).sum())
+        ties += int(((diff == 0) & pairs).sum())
+        total += int(pairs.sum())
+        is_pos = positives({**group, "labels": [group["labels"][k] for k in keep],
+                            **({"correct": [group["correct"][k] for k in keep]} if "correct" in group else {})})
+        pos += [s[k] for k, p in zip(keep, is_pos) if p]
+        neg += [s[k] for k, p in zip(keep, is_pos) if not p]
+    mean = lambda xs: sum(xs) / len(xs) if xs else None  # noqa: E731
+    return {"assessment_accuracy": (ordered + 0.5 * ties) / total if total else None, "pairs": total,
+            "score_positive": mean(pos), "score_negative": mean(neg)}
+
+
+def evaluate(config: EvalConfig) -> dict:
+    """Run the evaluation stage; writes ``config.output`` (metrics) and ``predictions.jsonl`` beside it."""
+    from aft.tasks import load_task
+
+    task = load_task(config.task)
+    tokenizer = load_tokenizer(config.tokenizer or config.model, config.trust_remote_code)
+    model = load_model(config.model, config.model_dtype, config.trust_remote_code).eval()
+    examples = task.load(config.split, path=config.data_path, limit=config.limit)
+    prompts = [task.format_prompt(e) for e in examples]
+    greedy = generate_all(model, tokenizer, prompts, max_new_tokens=config.max_new_tokens,
+                          batch_size=config.batch_size, desc="eval greedy")
+    task.stats.clear()
+    correct = [task.is_correct(t[0], e) for t, e in zip(greedy, examples)]
+    metrics = {"model": config.model, "task": config.task, "split": config.split, "questions": len(examples),
+               "accuracy": sum(correct) / len(examples) if examples else None,
+               "no_answer": task.stats["no_answer"]}
+    records = [{"id": e["id"], "answer": e["answer"], "greedy": t[0], "correct": c}
+               for e, t, c in zip(examples, greedy, correct)]
+    if config.vote_samples > 0:
+        votes = generate_all(model, tokenizer, prompts, k=config.vote_samples, temperature=config.vote_temperature,
+                             max_new_tokens=config.max_new_tokens, batch_size=max(1, config.batch_size //
+                                                                                  config.vote_samples),
+                             seed=config.seed, desc="eval vote")
+        answers = [[task.extract_answer(t) for t in ts] for ts in votes]
+        # judge the majority answer through one of the COTs that gave it, so each task's own checker decides
+        winners = [ts[a.index(majority(a))] if majority(a) is not None else "" for ts, a in zip(votes, answers)]
+        metrics["vote_accuracy"] = sum(task.is_correct(t, e) for t, e in zip(winners, examples)) / len(examples)
+        metrics["vote_samples"] = config.vote_samples
+    if config.groups:
+        groups, _ = load_groups(config.groups)
+        scores = score_groups(model, tokenizer, groups, config.max_length)
+        metrics.update(assessment_accuracy(groups, scores))
+        _write_scores(Path(config.output).with_name("scores.jsonl"), groups, scores)
+    out = Path(config.output)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with out.with_name("predictions.jsonl").open("w", encoding="utf-8") as f:
+        f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+    out.write_text(json.dumps(metrics, indent=2) + "\n")
+    print(json.dumps(metrics, indent=2))
+    return metrics
+
+
+def _write_scores(path: Path, groups, scores):
+    """One line per candidate: its group, label, correctness and score (what `aft report` plots)."""
+    with path.open("w", encoding="utf-8") as f:
+        for group, s in zip(groups, scores):
+            for k, v in enumerate(s):
+                f.write(json.dumps({"id": group["id"], "label": group["labels"][k],
+                                    "correct": bool(group.get("correct", group["labels"])[k]), "score": v}) + "\n")

@@ -1,0 +1,180 @@
+"""``aft sample``: k chains of thought per question, batched, de-duplicated, written as it goes, resumable.
+
+Questions are sorted by prompt length and cut into fixed batches, each with its own seed, so a batch's
+samples do not depend on which batches ran before: a run killed half-way and started again writes exactly
+the file an uninterrupted run writes. Under ``accelerate launch`` the batches are dealt out across
+processes (batch i to process i mod N), each process writes its own shard, and the first merges them.
+On a GPU with vLLM installed, ``--backend vllm`` samples with vLLM instead of ``generate``.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from aft.data import DataError, encode_prompt, read_jsonl, write_jsonl
+from aft.models import ModelFields, load_model, load_tokenizer
+
+
+@dataclass
+class SampleConfig(ModelFields):
+    """Sample k COTs per question of a task split."""
+
+    task: str = field(default="arithmetic", metadata={"help": "Task name (see `aft.tasks`)."})
+    data_path: str | None = field(default=None, metadata={"help": "Local JSONL file or folder; default: the hub."})
+    split: str = field(default="train", metadata={"help": "Split whose questions are sampled."})
+    limit: int | None = field(default=None, metadata={"help": "Only the first N questions."})
+    output: str = field(default="samples.jsonl", metadata={"help": "Groups JSONL to write (resumed if present)."})
+    k: int = field(default=8, metadata={"help": "Samples per question (before de-duplication)."})
+    temperature: float = field(default=0.8, metadata={"help": "Sampling temperature; 0 means greedy."})
+    top_p: float = field(default=1.0, metadata={"help": "Nucleus sampling threshold."})
+    max_new_tokens: int = field(default=256, metadata={"help": "Longest completion in tokens."})
+    batch_size: int = field(default=16, metadata={"help": "Questions per generate call (k sequences each)."})
+    seed: int = field(default=0, metadata={"help": "Base seed; each batch derives its own from it."})
+    backend: str = field(default="hf", metadata={"help": "hf (transformers generate) or vllm (if installed)."})
+    include_reference: bool = field(default=True, metadata={"help": "Store the reference COT in each group."})
+
+
+def truncate_at_stop(text: str, stops=("\nQuestion:",)) -> str:
+    """Cut a completion where a base model starts inventing the next question."""
+    for stop in stops:
+        cut = text.find(stop)
+        if cut >= 0:
+            text = text[:cut]
+    return text
+
+
+@torch.no_grad()
+def generate_batch(model, tokenizer, prompts, k: int = 1, temperature: float = 0.0, top_p: float = 1.0,
+                   max_new_tokens: int = 256, seed: int | None = None) -> list[list[str]]:
+    """k completions for each prompt in one ``generate`` call (left padding, KV cache, stop at EOS)."""
+    ids = [encode_prompt(tokenizer, p) for p in prompts]
+    width = max(len(x) for x in ids)
+    pad = tokenizer.pad_token_id
+    device = next(model.parameters()).device
+    input_ids = torch.tensor([[pad] * (width - len(x)) + x for x in ids], device=device)
+    attention = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in ids], device=device)
+    if seed is not None:
+        torch.manual_seed(seed)
+    sampling = temperature > 0
+    out = model.generate(
+        input_ids=input_ids, attention_mask=attention, max_new_tokens=max_new_tokens,
+        do_sample=sampling, temperature=temperature if sampling else None, top_p=top_p if sampling else None,
+        top_k=0 if sampling else None, num_return_sequences=k, pad_token_id=pad,
+        eos_token_id=tokenizer.eos_token_id, use_cache=True,
+    )
+    texts = tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)
+    texts = [truncate_at_stop(t) for t in texts]
+    return [texts[i * k:(i + 1) * k] for i in range(len(prompts))]
+
+
+def plan_batches(tokenizer, prompts: list[str], batch_size: int) -> list[list[int]]:
+    """Question indices in fixed batches of similar prompt length (less padding, same plan every run)."""
+    lengths = [len(encode_prompt(tokenizer, p)) for p in prompts]
+    order = sorted(range(len(prompts)), key=lambda i: (lengths[i], i))
+    return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+def dedupe(texts: list[str]) -> list[str]:
+    seen, out = set(), []
+    for t in texts:
+        key = " ".join(t.split())
+        if key and key not in seen:
+            seen.add(key)
+            out.append(t)
+    return out
+
+
+def read_done(path: Path) -> dict[str, dict]:
+    """Groups already written. A last line cut off by a kill is dropped (and rewritten); any other bad line
+    is an error."""
+    if not path.exists():
+        return {}
+    lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
+    if lines and not lines[-1].endswith("\n"):
+        lines = lines[:-1]
+        path.write_text("".join(lines), encoding="utf-8")
+    return {obj["id"]: obj for _, obj in read_jsonl(path)}
+
+
+def _vllm_generate(config: SampleConfig, prompts: list[str]) -> list[list[str]]:
+    try:
+        from vllm import LLM, SamplingParams
+    except ImportError:
+        raise RuntimeError("--backend vllm needs vLLM: pip install 'aft[vllm]' on a GPU machine") from None
+    llm = LLM(model=config.model, tokenizer=config.tokenizer or config.model, seed=config.seed,
+              trust_remote_code=config.trust_remote_code)
+    params = SamplingParams(n=config.k, temperature=config.temperature, top_p=config.top_p,
+                            max_tokens=config.max_new_tokens, seed=config.seed)
+    return [[truncate_at_stop(o.text) for o in r.outputs] for r in llm.generate(prompts, params)]
+
+
+def sample(config: SampleConfig) -> str:
+    """Run the sampling stage; returns the path of the groups file."""
+    from accelerate import PartialState
+
+    from aft.tasks import load_task
+
+    state = PartialState()
+    task = load_task(config.task)
+    examples = task.load(config.split, path=config.data_path, limit=config.limit)
+    ids = [e["id"] for e in examples]
+    if len(set(ids)) != len(ids):
+        raise DataError(f"{config.task}/{config.split}: duplicate question ids")
+    prompts = [task.format_prompt(e) for e in examples]
+    tokenizer = load_tokenizer(config.tokenizer or config.model, config.trust_remote_code)
+
+    def record(i, texts):
+        e = examples[i]
+        group = {"id": e["id"], "prompt": prompts[i], "completions": dedupe(texts), "n_sampled": len(texts),
+                 "answer": e["answer"], "question": e["question"]}
+        if config.include_reference:
+            group["reference"] = task.reference_cot(e)
+        return group
+
+    output = Path(config.output)
+    if config.backend == "vllm":
+        write_jsonl(output, [record(i, t) for i, t in enumerate(_vllm_generate(config, prompts))])
+        return str(output)
+    if config.backend != "hf":
+        raise ValueError(f"backend must be hf or vllm; got {config.backend!r}")
+
+    # Each process appends to its own shard; with one process the shard is the output itself.
+    shard = output if state.num_processes == 1 else output.with_name(f"{output.name}.shard{state.process_index}")
+    done = {**read_done(output), **read_done(shard)}
+    model = load_model(config.model, config.model_dtype, config.trust_remote_code).to(state.device).eval()
+    batches = plan_batches(tokenizer, prompts, config.batch_size)
+    mine = [(b, batch) for b, batch in enumerate(batches) if b % state.num_processes == state.process_index]
+    todo = [(b, batch) for b, batch in mine if any(ids[i] not in done for i in batch)]
+    total = sum(len(batch) for _, batch in mine)
+    shard.parent.mkdir(parents=True, exist_ok=True)
+    with shard.open("a", encoding="utf-8") as f, tqdm(total=total, initial=total - sum(len(t) for _, t in todo),
+                                                       desc=f"sample k={config.k}", unit="q",
+                                                       disable=not state.is_local_main_process) as bar:
+        for b, batch in todo:
+            texts = generate_batch(model, tokenizer, [prompts[i] for i in batch], config.k, config.temperature,
+                                   config.top_p, config.max_new_tokens, seed=config.seed * 1_000_003 + b)
+            lines = [json.dumps(record(i, t), ensure_ascii=False) + "\n" for i, t in zip(batch, texts)
+                     if ids[i] not in done]
+            f.write("".join(lines))  # one write per batch, flushed: a kill loses at most this batch
+            f.flush()
+            bar.update(len(batch))
+    state.wait_for_everyone()
+    if state.is_main_process:  # canonical order, so resumed, sharded and plain runs give the same file
+        merged = dict(done)
+        shards = [output] + [output.with_name(f"{output.name}.shard{r}") for r in range(state.num_processes)]
+        for path in shards:
+            if path.exists():
+                merged.update(read_done(path))
+        missing = [i for i in ids if i not in merged]
+        if missing:
+            raise RuntimeError(f"sampling finished with {len(missing)} questions missing, e.g. {missing[:3]}")
+        write_jsonl(output, [merged[i] for i in ids])
+        for path in shards[1:]:
+            path.unlink(missing_ok=True)
+    state.wait_for_everyone()
+    return str(output)

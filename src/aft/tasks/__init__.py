@@ -1,0 +1,55 @@
+"""The benchmarks, one file each: GSM8K, AQuA-RAT, ECQA and the built-in offline arithmetic task.
+
+``load_task(name, **kwargs)`` builds one; every task has the same small interface (see ``Task``)::
+
+    from aft.tasks import load_task
+    task = load_task("arithmetic", variant="mixed", seed=0)
+    example = task.load("train", limit=1)[0]
+    prompt, target = task.format_prompt(example), task.reference_cot(example)
+    task.is_correct(target, example)  # True
+"""
+
+from aft.tasks.aqua import AQuATask
+from aft.tasks.arithmetic import ArithmeticTask
+from aft.tasks.base import Task
+from aft.tasks.ecqa import ECQATask
+from aft.tasks.gsm8k import GSM8KTask
+
+TASKS = {"gsm8k": GSM8KTask, "aqua": AQuATask, "ecqa": ECQATask, "arithmetic": ArithmeticTask}
+
+
+def _value(text: str):
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
+def parse_task_spec(spec: str) -> tuple[str, dict]:
+    """``"arithmetic:variant=mixed,max_steps=4"`` -> ``("arithmetic", {"variant": "mixed", "max_steps": 4})``.
+
+    One string carries a task and its options, so a CLI flag or YAML key can name any task setting.
+    """
+    name, _, options = spec.partition(":")
+    kwargs = {}
+    for item in filter(None, (o.strip() for o in options.split(","))):
+        key, eq, value = item.partition("=")
+        if not eq:
+            raise ValueError(f"task option {item!r} in {spec!r} is not key=value")
+        kwargs[key.strip()] = _value(value.strip())
+    return name.strip(), kwargs
+
+
+def load_task(name: str, **kwargs) -> Task:
+    """The task called ``name`` (options may follow a colon, see ``parse_task_spec``); ``kwargs`` go to its
+    constructor (only "arithmetic" takes any)."""
+    name, options = parse_task_spec(name)
+    kwargs = {**options, **kwargs}
+    if name not in TASKS:
+        raise ValueError(f"unknown task {name!r}; choose from {', '.join(sorted(TASKS))}")
+    return TASKS[name](**kwargs)
+
+
+__all__ = ["TASKS", "Task", "load_task", "AQuATask", "ArithmeticTask", "ECQATask", "GSM8KTask"]

@@ -1,0 +1,132 @@
+"""The built-in offline task: multi-step arithmetic word problems with GSM8K-style worked solutions.
+
+Made for the demo and the tests: no download, any size, and a tiny model (a few million parameters,
+minutes of training) can learn it. Every solution line is one checkable step ``a op b = c`` and the
+last line is ``#### N``, so answers, extraction and step checks work exactly as for GSM8K::
+
+    Question: Ava has 12 marbles. She finds 7 more. Then she gives 5 to a friend. How many marbles
+    does Ava have now?
+    Answer: 12 + 7 = 19
+    19 - 5 = 14
+    #### 14
+
+Variants differ in story and operations so that multi-task training has two tasks to mix: ``"shop"``
+(buy / find / give / sell: + and -) and ``"mixed"`` (+, -, * and exact division). Difficulty is the
+number of steps (``min_steps`` .. ``max_steps``) and the operand size (``max_value``); every value along
+the way is a non-negative integer below 1000. Splits "train", "validation" and "test" come from one
+``random.Random(seed)`` stream, generated test first (so the test set does not change with
+``n_train``), and no question text appears in two splits::
+
+    task = load_task("arithmetic", variant="mixed", max_steps=3, seed=1)
+    train = task.load("train")
+"""
+
+from __future__ import annotations
+
+import random
+
+from aft.tasks.gsm8k import GSM8KTask
+
+CAP = 999  # largest value any step may produce
+NAMES = [("Ava", "she"), ("Ben", "he"), ("Cleo", "she"), ("Dan", "he"), ("Eva", "she"), ("Finn", "he")]
+PRONOUNS = {"she": {"he": "she", "him": "her", "his": "her"}, "he": {"he": "he", "him": "him", "his": "his"}}
+
+# Per variant: its objects and, per operation, sentences that say it ({n} is the operand).
+VARIANTS = {
+    "shop": {
+        "objects": ["apples", "marbles", "stickers", "coins"],
+        "+": ["{he} buys {n} more.", "{he} finds {n} more.", "a friend gives {him} {n} more."],
+        "-": ["{he} gives {n} to a friend.", "{he} sells {n}.", "{he} loses {n}."],
+    },
+    "mixed": {
+        "objects": ["cookies", "cards", "pencils", "shells"],
+        "+": ["{he} gets {n} more."],
+        "-": ["{he} gives away {n}."],
+        "*": ["{he} ends up with {n} times as many."],
+        "/": ["{he} splits them into {n} equal groups and keeps one group."],
+    },
+}
+SPLITS = {"train": "train", "validation": "validation", "val": "validation", "dev": "validation", "test": "test"}
+
+
+class ArithmeticTask(GSM8KTask):
+    name = "arithmetic"
+    hub_name = ""  # generated, never downloaded
+
+    def __init__(self, variant: str = "shop", min_steps: int = 2, max_steps: int = 3, max_value: int = 20,
+                 seed: int = 0, n_train: int = 2000, n_val: int = 200, n_test: int = 200):
+        super().__init__()
+        if variant not in VARIANTS:
+            raise ValueError(f"unknown arithmetic variant {variant!r}; choose from {sorted(VARIANTS)}")
+        if not 1 <= min_steps <= max_steps:
+            raise ValueError(f"need 1 <= min_steps <= max_steps, got {min_steps}, {max_steps}")
+        if not 2 <= max_value <= CAP:
+            raise ValueError(f"max_value must be in [2, {CAP}], got {max_value}")
+        self.variant, self.min_steps, self.max_steps, self.max_value = variant, min_steps, max_steps, max_value
+        self.seed, self.sizes = seed, {"train": n_train, "validation": n_val, "test": n_test}
+        self._splits: dict[str, list[dict]] | None = None
+
+    def load(self, split: str, path=None, limit: int | None = None) -> list[dict]:
+        if path is not None:  # a saved or hand-written file, read like GSM8K
+            return super().load(split, path, limit)
+        if split not in SPLITS:
+            raise ValueError(f"unknown split {split!r}; choose from {sorted(SPLITS)}")
+        if self._splits is None:
+            self._splits = self._generate()
+        examples = self._splits[SPLITS[split]]
+        return [dict(example) for example in examples[:limit]]
+
+    def make_example(self, row: dict, split: str, index: int) -> dict:
+        example = super().make_example(row, split, index)
+        steps = [line for line in example["solution"].rsplit("####", 1)[0].splitlines() if line.strip()]
+        return {**example, "variant": row.get("variant", self.variant), "steps": len(steps)}
+
+    def _generate(self) -> dict[str, list[dict]]:
+        rng = random.Random(self.seed)
+        seen: set[str] = set()
+        splits = {}
+        for split in ("test", "validation", "train"):
+            examples, attempts = [], 0
+            while len(examples) < self.sizes[split]:
+                attempts += 1
+                if attempts > 100 * self.sizes[split] + 1000:
+                    raise ValueError(f"cannot make {self.sizes[split]} distinct {split} questions with "
+                                     f"max_value={self.max_value}, steps {self.min_steps}..{self.max_steps}")
+                question, lines, answer = self._problem(rng)
+                if question in seen:
+                    continue
+                seen.add(question)
+                examples.append({"id": f"arithmetic-{self.variant}/{split}/{len(examples)}", "question": question,
+                                 "answer": str(answer), "solution": "\n".join(lines + [f"#### {answer}"]),
+                                 "variant": self.variant, "steps": len(lines)})
+            splits[split] = examples
+        return splits
+
+    def _problem(self, rng: random.Random) -> tuple[str, list[str], int]:
+        story = VARIANTS[self.variant]
+        name, pronoun = rng.choice(NAMES)
+        thing = rng.choice(story["objects"])
+        value = rng.randint(2, self.max_value)
+        sentences, lines = [f"{name} has {value} {thing}."], []
+        for step in range(rng.randint(self.min_steps, self.max_steps)):
+            op, operand = self._operation(rng, value)
+            result = {"+": value + operand, "-": value - operand, "*": value * operand, "/": value // operand}[op]
+            lines.append(f"{value} {op} {operand} = {result}")
+            sentence = rng.choice(story[op]).format(n=operand, **PRONOUNS[pronoun])
+            sentences.append(f"Then {sentence}" if step else sentence[0].upper() + sentence[1:])
+            value = result
+        sentences.append(f"How many {thing} does {name} have now?")
+        return " ".join(sentences), lines, value
+
+    def _operation(self, rng: random.Random, value: int) -> tuple[str, int]:
+        # Only operations that keep the value a positive integer within CAP (so later steps stay possible).
+        divisors = [d for d in range(2, 10) if value % d == 0 and value // d >= 1]
+        feasible = {"+": value < CAP, "-": value >= 2, "*": value * 2 <= CAP, "/": bool(divisors)}
+        op = rng.choice([op for op in "+-*/" if op in VARIANTS[self.variant] and feasible[op]])
+        if op == "+":
+            return op, rng.randint(1, min(self.max_value, CAP - value))
+        if op == "-":
+            return op, rng.randint(1, min(self.max_value, value - 1))
+        if op == "*":
+            return op, rng.randint(2, min(5, CAP // value))
+        return op, rng.choice(divisors)

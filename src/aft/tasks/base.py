@@ -1,0 +1,370 @@
+"""The Task base class and the answer-extraction and step-checking helpers every task shares.
+
+A task turns a data set (Hugging Face hub, or local JSONL) into plain-dict examples with a stable
+``id``, a ``question`` and a gold ``answer`` (a normalised string: ``"1234"``, ``"12.5"``, ``"C"``), and
+knows how to prompt for it, what its reference chain of thought (COT) is, how to read the final answer
+out of a model's text, and how many arithmetic steps of a COT are checkably wrong (the step check the
+AFT reviews asked for: outcome-only labels count a right answer reached by a wrong step as positive).
+
+Everything here is deterministic and never calls ``eval``: arithmetic goes through ``safe_eval``, which
+walks the ``ast`` of the expression and allows only numbers and a handful of operators.
+"""
+
+from __future__ import annotations
+
+import ast
+import collections
+import json
+import math
+import operator
+import re
+from decimal import Decimal, InvalidOperation
+from pathlib import Path
+
+# ---------------------------------------------------------------------------------------------------
+# Numbers
+
+# A number as models and GSM8K write it: optional minus and dollar sign (either order), thousands
+# commas only in groups of three (so "3,4 and 5" is not read as 345), optional decimals.
+NUMBER = r"-?\$?-?(?:\d{1,3}(?:,\d{3})+(?:\.\d+)?|\d+(?:\.\d+)?|\.\d+)%?"
+_NUMBER_RE = re.compile(r"(?<![\w.])" + NUMBER)
+
+
+def normalize_number(text: str) -> str | None:
+    """``"$1,234.50"`` -> ``"1234.5"``, ``"1234.00"`` -> ``"1234"``, ``"-7."`` -> ``"-7"``; None if no number."""
+    cleaned = re.sub(r"[\s$,%]", "", text).rstrip(".")
+    try:
+        value = Decimal(cleaned)
+    except InvalidOperation:
+        return None
+    if not value.is_finite():
+        return None
+    if value == value.to_integral_value():
+        return str(int(value))
+    return format(value.normalize(), "f")
+
+
+def _first_number(text: str) -> str | None:
+    match = _NUMBER_RE.search(text)
+    return normalize_number(match.group()) if match else None
+
+
+# The canonical markers, in order of preference. "answer is" also covers "the answer is: 7" and
+# "The final answer is $12.50."; we read only to the end of the marker's line.
+_HASH_RE = re.compile(r"####([^\n]*)")
+_ANSWER_IS_RE = re.compile(r"answer\s+is\s*:?([^\n]*)", re.IGNORECASE)
+
+
+def extract_number(text: str) -> str | None:
+    """The final numeric answer of a COT: after the first ``####``, else after the first "answer is",
+    else the last number in the text. Normalised with ``normalize_number``."""
+    for marker in (_HASH_RE, _ANSWER_IS_RE):
+        match = marker.search(text)
+        if match:
+            number = _first_number(match.group(1))
+            if number is not None:
+                return number
+    numbers = _NUMBER_RE.findall(text)
+    return normalize_number(numbers[-1]) if numbers else None
+
+
+def numbers_equal(a: str, b: str) -> bool:
+    try:
+        return Decimal(a) == Decimal(b)
+    except InvalidOperation:
+        return False
+
+
+# ---------------------------------------------------------------------------------------------------
+# Option letters
+
+# The canonical line our reference COTs end with; preferred wherever it is, like GSM8K's "####",
+# so that a rationale's own stray "answer is a." earlier on does not override it.
+_CANONICAL_LETTER_RE = re.compile(r"(?i:\bthe\s+answer\s+is)\s*:?\s*\(?([A-E])\)?(?![A-Za-z])")
+# Other markers: "Answer: (C)", "ANSWER:C", "Ans: B", "answer is c", "Answer: Option D", "answer - A".
+_LETTER_MARKER_RE = re.compile(
+    r"\bans(?:wer)?\b(?:\s+is)?\s*[:=\-]?\s*(?:option\s*)?(\()?([A-Ea-e])(\))?(?![A-Za-z])", re.IGNORECASE
+)
+# Fallbacks on the last non-empty line: "C)", "(C)", "C", "C) 600", "Option C", "correct option is: C",
+# "Choice B", "C is the answer", "(A) is correct answer".
+_LAST_LINE_LETTER_RES = [
+    re.compile(r"^\(?([A-Ea-e])\)(?=.{0,40}$)|^([A-E])\.?$"),  # short: a long line opening "(A)" discusses A
+    re.compile(r"\b(?:option|choice)\s*(?:is\s*)?:?\s*\(?([A-Ea-e])\)?[.!\s]*$", re.IGNORECASE),
+    re.compile(r"(?:^|\(|\s)([A-E])\)?\s+is\s+(?:the\s+)?(?:correct|right)?\s*(?:answer|choice|option)",
+               re.IGNORECASE),
+]
+
+
+def extract_letter(text: str, letters: str = "ABCDE") -> str | None:
+    """The chosen option letter (upper case): the first "The answer is X", else the first other answer
+    marker, else the option named on the last line."""
+    for match in _CANONICAL_LETTER_RE.finditer(text):
+        if match.group(1) in letters:
+            return match.group(1)
+    for match in _LETTER_MARKER_RE.finditer(text):
+        open_paren, letter, close_paren = match.groups()
+        # A bare lower-case letter after "answer" is usually the article ("the answer is a bit ...");
+        # accept it only in parentheses or at the end of a sentence or the text.
+        rest = text[match.end():]
+        if letter.islower() and not (open_paren or close_paren) and not re.match(r"\s*(?:[.,;!]|$)", rest):
+            continue
+        if letter.upper() in letters:
+            return letter.upper()
+    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
+    if lines:
+        for pattern in _LAST_LINE_LETTER_RES:
+            match = pattern.search(lines[-1])
+            if match:
+                letter = next(group for group in match.groups() if group).upper()
+                if letter in letters:
+                    return letter
+    return None
+
+
+# ---------------------------------------------------------------------------------------------------
+# Safe arithmetic and step checks
+
+_BINARY = {
+    ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv,
+    ast.FloorDiv: operator.floordiv, ast.Mod: operator.mod, ast.Pow: operator.pow,
+}
+MAX_MAGNITUDE = 1e100  # any intermediate beyond this is refused: no step in a word problem needs it
+MAX_EXPRESSION_CHARS = 200
+
+
+def safe_eval(expr: str) -> float:
+    """Evaluate ``expr`` with numbers, + - * / // % **, unary minus and parentheses only.
+
+    Raises ValueError for anything else (names, calls, attributes, strings, huge powers, division by
+    zero) without evaluating any part of it beyond plain arithmetic on literals.
+    """
+    if len(expr) > MAX_EXPRESSION_CHARS:
+        raise ValueError("expression too long")
+    try:
+        tree = ast.parse(expr.strip(), mode="eval")
+    except (SyntaxError, ValueError) as error:
+        raise ValueError(f"not an arithmetic expression: {expr!r}") from error
+    return float(_evaluate(tree.body))
+
+
+def _evaluate(node: ast.AST) -> int | float:
+    if isinstance(node, ast.Constant) and type(node.value) in (int, float):  # bool is not a number here
+        if abs(node.value) > MAX_MAGNITUDE:
+            raise ValueError("value out of range")
+        return node.value
+    if isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.USub, ast.UAdd)):
+        value = _evaluate(node.operand)
+        return -value if isinstance(node.op, ast.USub) else value
+    if isinstance(node, ast.BinOp) and type(node.op) in _BINARY:
+        left, right = _evaluate(node.left), _evaluate(node.right)
+        if isinstance(node.op, ast.Pow):
+            # Refuse before computing: 9**9**9 would otherwise run for minutes.
+            if abs(right) > 100 or (abs(left) > 1 and right * math.log10(abs(left)) > 100):
+                raise ValueError("exponent too large")
+        try:
+            value = _BINARY[type(node.op)](left, right)
+        except (ZeroDivisionError, OverflowError) as error:
+            raise ValueError(str(error)) from error
+        if isinstance(value, complex) or not math.isfinite(value) or abs(value) > MAX_MAGNITUDE:
+            raise ValueError("value out of range")
+        return value
+    raise ValueError(f"not allowed in arithmetic: {type(node).__name__}")
+
+
+def step_is_wrong(computed: float, stated: float) -> bool:
+    return abs(computed - stated) > 1e-6 * max(1.0, abs(stated))
+
+
+_ANNOTATION_RE = re.compile(r"<<([^<>=]*)=([^<>]*)>>")
+# Characters an inline equation's sides may hold. "x" and "×" are multiplication as people write it.
+_ARITH_CHARS = set("0123456789.,+-*/()$ xX×÷–−")
+# The stated result: one number, not the start of another expression ("= 24/2"), a mixed fraction
+# ("= 1 1/2"), a percentage or a unit glued to it ("= 240g/5"); those are not counted.
+_STATED_RE = re.compile(
+    r"\s*\$?\s*(-?\$?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?|-?\.\d+)"
+    r"(?![.,]?\d|\s*[-+*/x×÷^(%–−]|\s+\d|[A-Za-z]|\s+(?:and|cents?|thousand|million|billion)\b)"
+)
+
+
+def _to_python(expr: str) -> str:
+    expr = re.sub(r"(?<=\d),(?=\d{3}\b)", "", expr)  # thousands separators
+    # "x" is multiplication only between numbers ("3 x 4"); "2x + 3" keeps its x and is refused.
+    expr = re.sub(r"(?<=[\d)])\s*[xX×]\s*(?=[\d(.$])", "*", expr)
+    return expr.replace("$", "").replace("÷", "/").replace("–", "-").replace("−", "-")
+
+
+def _left_side(line: str, end: int) -> str | None:
+    """The arithmetic run ending just before the '=' at ``end``, if it has an operator between numbers
+    and is the whole left side (not the tail of "60 students x 2/3" or "X*6 + 9")."""
+    start = end
+    while start > 0 and line[start - 1] in _ARITH_CHARS:
+        start -= 1
+    run = line[start:end]
+    first = re.search(r"[\d(.$-]", run)
+    if first is None:
+        return None
+    prefix, run = run[: first.start()], run[first.start():].strip()
+    # What precedes the expression may be spaces and commas, or the x of a word ("box 5 * 2").
+    word_x = re.fullmatch(r"[xX]\s+", prefix) and start > 0 and line[start - 1].isalpha()
+    if not (re.fullmatch(r"[\s,]*", prefix) or word_x):
+        return None
+    if start > 0 and not prefix and line[start - 1] not in "=\"'[{":
+        return None  # glued to a word, variable or clock: "5A/5", "M+4", "6:00+48"
+    if re.search(r"\band\s*$", line[:start]):
+        return None  # the fraction of a mixed number: "1 and 1/4 = ..."
+    if not re.search(r"[\d)]\s*[-+*/xX×÷–−]\s*[-\d(.$]", run):
+        return None
+    return _to_python(run)
+
+
+def check_equations(text: str) -> tuple[int, int]:
+    """(checkable steps, wrong steps) of a COT.
+
+    Checks GSM8K calculator annotations ``<<48/2=24>>``, and, on lines without annotations, every
+    inline ``expression = number`` ("12 + 7 = 19", "She pays 3 x $4 = $12."). A chained
+    ``a = b = c`` checks ``b = c`` only; sides that do not parse are not counted.
+    """
+    checked = wrong = 0
+    for line in text.splitlines():
+        annotations = _ANNOTATION_RE.findall(line)
+        if annotations:
+            equations = [(_to_python(left), right) for left, right in annotations]
+        else:
+            equations = []
+            for match in re.finditer("=", line):
+                left = _left_side(line, match.start())
+                stated = _STATED_RE.match(line, match.end())
+                if left is not None and stated is not None:
+                    equations.append((left, stated.group(1)))
+        for left, right in equations:
+            stated_value = normalize_number(right)
+            try:
+                computed = safe_eval(left)
+            except ValueError:
+                continue
+            if stated_value is None:
+                continue
+            checked += 1
+            wrong += step_is_wrong(computed, float(stated_value))
+    return checked, wrong
+
+
+# ---------------------------------------------------------------------------------------------------
+# Loading
+
+
+def read_jsonl(path: str | Path):
+    """Yield (where, row) for each non-blank line; ``where`` is "file:line" for error messages."""
+    path = Path(path)
+    with path.open(encoding="utf-8") as handle:
+        for number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise ValueError(f"{path}:{number}: malformed JSON ({error.msg})") from error
+            if not isinstance(row, dict):
+                raise ValueError(f"{path}:{number}: expected a JSON object, got {type(row).__name__}")
+            yield f"{path}:{number}", row
+
+
+class Task:
+    """One benchmark: loading, prompting, reference COTs, answer extraction and step checks.
+
+    Subclasses set ``name``, ``hub_name``/``hub_config`` and implement ``make_example``,
+    ``reference_cot`` and ``parse_answer``.
+    """
+
+    name: str = ""
+    hub_name: str = ""
+    hub_config: str | None = None
+    hub_splits: dict[str, str] = {}  # our split name -> the hub's, where they differ
+    split_aliases: dict[str, str] = {"dev": "validation", "validation": "dev"}  # for local folders
+
+    def __init__(self):
+        self.stats = collections.Counter()
+
+    # -- data ---------------------------------------------------------------------------------------
+
+    def load(self, split: str, path: str | Path | None = None, limit: int | None = None) -> list[dict]:
+        """Examples of ``split``: from the hub when ``path`` is None, else from a JSONL file or a
+        folder holding ``{split}.jsonl``. Bad rows raise ValueError naming file and line."""
+        rows = self._hub_rows(split) if path is None else read_jsonl(self._local_file(split, path))
+        examples = []
+        for index, (where, row) in enumerate(rows):
+            if limit is not None and len(examples) >= limit:
+                break
+            try:
+                example = self.make_example(row, split, index)
+            except (KeyError, TypeError, ValueError, AttributeError) as error:
+                problem = f"missing field {error}" if isinstance(error, KeyError) else str(error)
+                raise ValueError(f"{where}: {problem}") from error
+            examples.append(example)
+        return examples
+
+    def _local_file(self, split: str, path: str | Path) -> Path:
+        path = Path(path)
+        if path.is_dir():
+            for name in (split, self.split_aliases.get(split)):
+                if name and (path / f"{name}.jsonl").is_file():
+                    return path / f"{name}.jsonl"
+            raise FileNotFoundError(f"no {split}.jsonl in {path}")
+        return path
+
+    def _hub_rows(self, split: str):
+        import datasets  # lazy: loading local files or the built-in task must not need it
+
+        hub_split = self.hub_splits.get(split, split)
+        data = datasets.load_dataset(self.hub_name, self.hub_config, split=hub_split)
+        for index, row in enumerate(data):
+            yield f"{self.hub_name}[{hub_split}] row {index}", dict(row)
+
+    def make_example(self, row: dict, split: str, index: int) -> dict:
+        raise NotImplementedError
+
+    def example_id(self, row: dict, split: str, index: int) -> str:
+        # The source's own id where it has one; else the row's position, stable for a fixed file.
+        return str(row["id"]) if row.get("id") is not None else f"{self.name}/{split}/{index}"
+
+    # -- text ---------------------------------------------------------------------------------------
+
+    def format_prompt(self, example: dict) -> str:
+        return f"Question: {example['question']}\nAnswer:"
+
+    def reference_cot(self, example: dict) -> str:
+        raise NotImplementedError
+
+    def parse_answer(self, text: str) -> str | None:
+        raise NotImplementedError
+
+    def extract_answer(self, text: str) -> str | None:
+        answer = self.parse_answer(text)
+        self.stats["extracted" if answer is not None else "no_answer"] += 1
+        return answer
+
+    def is_correct(self, text: str, example: dict) -> bool:
+        predicted = self.extract_answer(text)
+        if predicted is None:
+            return False
+        gold = str(example["answer"])
+        return numbers_equal(predicted, gold) or predicted.upper() == gold.upper()
+
+    def check_steps(self, text: str) -> tuple[int, int]:
+        return (0, 0)
+
+
+def format_options(question: str, options: list[str], letters: str = "ABCDE") -> str:
+    """The multiple-choice prompt: the question, one lettered option per line, then "Answer:"."""
+    lines = [f"Question: {question}", "Options:"]
+    lines += [f"{letter}) {option}" for letter, option in zip(letters, options)]
+    return "\n".join(lines + ["Answer:"])
+
+
+def answer_line_cot(explanation: str, letter: str) -> str:
+    """A multiple-choice reference COT: the explanation, then "The answer is X" unless it ends so."""
+    text = explanation.strip()
+    last = text.splitlines()[-1].strip() if text else ""
+    if not re.fullmatch(rf"the answer is \(?{letter}\)?\.?", last, re.IGNORECASE):
+        text = f"{text}\nThe answer is {letter}" if text else f"The answer is {letter}"
+    return " " + text

@@ -1,0 +1,244 @@
+"""The two training stages, each a ``transformers.Trainer`` subclass driven by one config dataclass.
+
+- ``aft sft``   vanilla fine-tuning (VFT): token-level NLL of the reference COT given the question.
+- ``aft align`` continue from the VFT model on labelled groups with ``L = nll_weight * L_NLL +
+  align_weight * L_rank``, where ``L_rank`` is one of the pure losses of ``aft.losses``.
+
+The configs extend ``transformers.TrainingArguments`` (every Trainer option is a flag too: --bf16,
+--gradient_checkpointing, --save_steps, ...), and the same dataclasses drive the Python API, the CLI
+and YAML configs. Multi-GPU / multi-node runs go through ``accelerate launch`` unchanged.
+"""
+
+from __future__ import annotations
+
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+
+import torch
+from transformers import Trainer, TrainingArguments
+
+from aft import losses
+from aft.data import GroupCollator, SFTCollator, encode_completion, encode_prompt, load_groups, tokenize_group
+from aft.models import ModelFields, load_for_training, save_for_inference
+from aft.scoring import completion_logprobs, sequence_scores
+
+ALIGN_LOSSES = ("aft", "rft", "rrhf", "pro", "dpo")
+NLL_ON = ("reference", "positives", "both", "none")
+
+
+@dataclass
+class StageDefaults(TrainingArguments):
+    """Trainer defaults that suit this project (still overridable by flag or YAML)."""
+
+    output_dir: str = field(default="runs/stage", metadata={"help": "Where the trained model is saved."})
+    remove_unused_columns: bool = False  # our batches are built by our collators, not from dataset columns
+    logging_steps: float = 10
+    save_strategy: str = "no"
+    save_total_limit: int | None = 2
+    learning_rate: float = 1e-4
+    num_train_epochs: float = 1.0
+    max_length: int = field(default=512, metadata={"help": "Longest prompt + completion in tokens; longer is "
+                                                            "skipped and counted."})
+
+    def __post_init__(self):
+        # bf16 autocast works on CPUs too (AMX makes it about 2x faster); transformers only allows it with use_cpu
+        if self.bf16 and not torch.cuda.is_available():
+            self.use_cpu = True
+        super().__post_init__()
+
+
+@dataclass
+class SFTConfig(ModelFields, StageDefaults):
+    """Vanilla fine-tuning on (question, reference COT) pairs of a task."""
+
+    task: str = field(default="arithmetic", metadata={"help": "Task name (see `aft.tasks`)."})
+    data_path: str | None = field(default=None, metadata={
+        "help": "Local JSONL file or folder of {split}.jsonl; default: the task's Hugging Face hub dataset."})
+    split: str = field(default="train", metadata={"help": "Split to train on."})
+    limit: int | None = field(default=None, metadata={"help": "Use only the first N examples."})
+
+
+@dataclass
+class AlignConfig(ModelFields, StageDefaults):
+    """Alignment on labelled groups: AFT or a baseline, each with or without a constraint."""
+
+    groups: str = field(default="", metadata={"help": "Labelled groups JSONL (see `aft.data`)."})
+    loss: str = field(default="aft", metadata={"help": f"One of {ALIGN_LOSSES}. rft is NLL only."})
+    constraint: str = field(default="boundary", metadata={"help": "boundary, detach or none."})
+    beta: float = field(default=0.5, metadata={"help": "Boundary margin: B = min better score - beta."})
+    dpo_beta: float = field(default=0.1, metadata={"help": "DPO's temperature on the reward margin."})
+    nll_weight: float = field(default=1.0, metadata={"help": "Weight of the NLL term."})
+    align_weight: float = field(default=1.0, metadata={"help": "Weight of the ranking term."})
+    nll_on: str = field(default="both", metadata={
+        "help": "What the NLL term trains on: reference COT, positives (correct samples), both, or none."})
+    max_candidates: int | None = field(default=None, metadata={"help": "Keep at most N candidates per group."})
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.loss not in ALIGN_LOSSES:
+            raise ValueError(f"loss must be one of {ALIGN_LOSSES}; got {self.loss!r}")
+        if self.constraint not in losses.CONSTRAINTS:
+            raise ValueError(f"constraint must be one of {losses.CONSTRAINTS}; got {self.constraint!r}")
+        if self.nll_on not in NLL_ON:
+            raise ValueError(f"nll_on must be one of {NLL_ON}; got {self.nll_on!r}")
+
+
+class MetricsMixin:
+    """Accumulates named values per step and adds their means to the Trainer's logs (as TRL does)."""
+
+    def _record(self, **values):
+        if not hasattr(self, "_metrics"):
+            self._metrics = defaultdict(list)
+        for k, v in values.items():
+            if v is not None:
+                self._metrics[k].append(float(v))
+
+    def log(self, logs, start_time=None):
+        metrics = getattr(self, "_metrics", {})
+        logs = {**logs, **{k: sum(v) / len(v) for k, v in metrics.items() if v}}
+        self._metrics = defaultdict(list)
+        super().log(logs, start_time)
+
+
+class SFTTrainer(MetricsMixin, Trainer):
+    """Token-level NLL of the completion, through the same chunked scorer the alignment losses use."""
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        sums, counts = completion_logprobs(model, inputs["input_ids"], inputs["attention_mask"],
+                                           inputs["completion_mask"])
+        loss = losses.nll_loss(sums, counts)
+        return (loss, {}) if return_outputs else loss
+
+
+class AlignTrainer(MetricsMixin, Trainer):
+    """``compute_loss`` scores every candidate of each group and calls the pure loss of ``args.loss``."""
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        args: AlignConfig = self.args
+        sums, counts = completion_logprobs(model, inputs["input_ids"], inputs["attention_mask"],
+                                           inputs["completion_mask"])
+        nll = losses.nll_loss(sums, counts, inputs["nll_weight"])
+        is_cand = inputs["candidate_index"] >= 0
+        g, k = inputs["group_index"][is_cand], inputs["candidate_index"][is_cand]
+        labels, mask = inputs["labels"], inputs["candidate_mask"]
+        # Fold the flat per-sequence values back into the (groups x candidates) layout of the losses.
+        scores = sums.new_zeros(labels.shape).index_put((g, k), sequence_scores(sums, counts)[is_cand])
+        rank = self.rank_loss(scores, sums.new_zeros(labels.shape).index_put((g, k), sums[is_cand]), inputs)
+        loss = args.nll_weight * nll + (args.align_weight * rank if rank is not None else 0.0)
+        self._record_batch(scores.detach(), labels, mask, nll, rank)
+        return (loss, {}) if return_outputs else loss
+
+    def rank_loss(self, scores, summed, inputs):
+        a: AlignConfig = self.args
+        labels, mask = inputs["labels"], inputs["candidate_mask"]
+        if a.loss == "aft":
+            return losses.alignment_loss(scores, labels, mask, constraint=a.constraint, beta=a.beta)
+        if a.loss == "rrhf":
+            return losses.rrhf_loss(scores, labels, mask, constraint=a.constraint, beta=a.beta)
+        if a.loss == "pro":
+            return losses.pro_loss(scores, labels, mask, constraint=a.constraint, beta=a.beta)
+        if a.loss == "dpo":  # DPO's implicit reward uses summed log-probs against the frozen start model's
+            return losses.dpo_loss(summed, labels, inputs["ref_logps"], mask, beta=a.dpo_beta,
+                                   constraint=a.constraint, boundary_beta=a.beta)
+        return None  # rft: NLL only
+
+    def _record_batch(self, scores, labels, mask, nll, rank):
+        pairs = losses.pair_mask(labels, mask)
+        top = labels.masked_fill(~mask, float("-inf")).amax(dim=1, keepdim=True)
+        low = labels.masked_fill(~mask, float("inf")).amin(dim=1, keepdim=True)
+        pos, neg = mask & (labels == top) & (top > low), mask & (labels < top)
+        ordered = (scores.unsqueeze(2) > scores.unsqueeze(1)) & pairs
+        self._record(
+            nll=nll.item(), rank_loss=None if rank is None else rank.item(),
+            score_positive=scores[pos].mean().item() if pos.any() else None,
+            score_negative=scores[neg].mean().item() if neg.any() else None,
+            pair_accuracy=(ordered.sum() / pairs.sum()).item() if pairs.any() else None,
+        )
+
+
+# ---- the stage functions ------------------------------------------------------------------------------
+
+def _report(title, counts: Counter):
+    if counts:
+        print(f"{title}: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
+
+
+def sft(config: SFTConfig) -> str:
+    """Vanilla fine-tuning. Returns the folder of the saved model."""
+    from aft.tasks import load_task
+
+    model, tokenizer = load_for_training(config)
+    task = load_task(config.task)
+    features, skipped = [], Counter()
+    for example in task.load(config.split, path=config.data_path, limit=config.limit):
+        prompt = encode_prompt(tokenizer, task.format_prompt(example))
+        completion = encode_completion(tokenizer, task.reference_cot(example))
+        if len(prompt) + len(completion) > config.max_length:
+            skipped["skipped: longer than max_length"] += 1
+            continue
+        features.append({"prompt_ids": prompt, "completion_ids": completion})
+    _report(f"sft data ({len(features)} examples)", skipped)
+    if not features:
+        raise ValueError(f"no training example fits max_length={config.max_length}")
+    trainer = SFTTrainer(model=model, args=config, train_dataset=features,
+                         data_collator=SFTCollator(tokenizer.pad_token_id), processing_class=tokenizer)
+    trainer.train(resume_from_checkpoint=_last_checkpoint(config))
+    save_for_inference(trainer.model, tokenizer, config.output_dir)
+    return config.output_dir
+
+
+def align_features(config: AlignConfig, tokenizer):
+    groups, report = load_groups(config.groups)
+    features = []
+    for group in groups:
+        if config.max_candidates is not None:
+            group = {**group, **{key: group[key][:config.max_candidates]
+                                 for key in ("completions", "labels", "correct", "ref_logps") if key in group}}
+        f = tokenize_group(tokenizer, group, config.max_length, report, config.nll_on)
+        if f["completion_ids"] or "reference_ids" in f:
+            features.append(f)
+        else:
+            report["skipped: group with nothing to train on"] += 1
+    _report(f"align data ({len(features)} groups)", report)
+    if not features:
+        raise ValueError(f"{config.groups}: no usable group")
+    return features
+
+
+@torch.no_grad()
+def add_reference_logps(model, features, pad_id: int, batch_size: int = 16):
+    """DPO's frozen reference: summed log-probs of every candidate under the starting model, computed
+    once before training so no second model is held in memory."""
+    model.eval()
+    for f in features:
+        logps = []
+        for start in range(0, len(f["completion_ids"]), batch_size):
+            chunk = f["completion_ids"][start:start + batch_size]
+            batch = SFTCollator(pad_id)([{"prompt_ids": f["prompt_ids"], "completion_ids": c} for c in chunk])
+            logps += completion_logprobs(model, **batch)[0].tolist()
+        f["ref_logps"] = logps
+    model.train()
+
+
+def align(config: AlignConfig) -> str:
+    """Alignment stage (AFT or a baseline). Returns the folder of the saved model."""
+    model, tokenizer = load_for_training(config)
+    features = align_features(config, tokenizer)
+    if config.loss == "dpo" and any("ref_logps" not in f for f in features):
+        add_reference_logps(model, features, tokenizer.pad_token_id)
+    trainer = AlignTrainer(model=model, args=config, train_dataset=features,
+                           data_collator=GroupCollator(tokenizer.pad_token_id, config.nll_on),
+                           processing_class=tokenizer)
+    trainer.train(resume_from_checkpoint=_last_checkpoint(config))
+    save_for_inference(trainer.model, tokenizer, config.output_dir)
+    return config.output_dir
+
+
+def _last_checkpoint(config: TrainingArguments):
+    """Continue from the newest checkpoint in output_dir, if a killed run left one."""
+    from transformers.trainer_utils import get_last_checkpoint
+    import os
+
+    if os.path.isdir(config.output_dir):
+        return get_last_checkpoint(config.output_dir)
+    return None
