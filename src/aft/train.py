@@ -183,7 +183,7 @@ def sft(config: SFTConfig) -> str:
     trainer = SFTTrainer(model=model, args=config, train_dataset=features,
                          data_collator=SFTCollator(tokenizer.pad_token_id), processing_class=tokenizer)
     trainer.train(resume_from_checkpoint=_last_checkpoint(config))
-    save_for_inference(trainer.model, tokenizer, config.output_dir)
+    finish(trainer, tokenizer, config)
     return config.output_dir
 
 
@@ -230,8 +230,17 @@ def align(config: AlignConfig) -> str:
                            data_collator=GroupCollator(tokenizer.pad_token_id, config.nll_on),
                            processing_class=tokenizer)
     trainer.train(resume_from_checkpoint=_last_checkpoint(config))
-    save_for_inference(trainer.model, tokenizer, config.output_dir)
+    finish(trainer, tokenizer, config)
     return config.output_dir
+
+
+def finish(trainer, tokenizer, config):
+    """Save the model for inference, and the logged history that `aft report` plots."""
+    import os
+
+    save_for_inference(trainer.model, tokenizer, config.output_dir)
+    if trainer.is_world_process_zero():
+        trainer.state.save_to_json(os.path.join(config.output_dir, "trainer_state.json"))
 
 
 def _last_checkpoint(config: TrainingArguments):
