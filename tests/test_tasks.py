@@ -276,7 +276,7 @@ def test_arithmetic_round_trips_through_jsonl(tmp_path):
 def test_malformed_jsonl_line_names_file_and_line(tmp_path):
     path = tmp_path / "test.jsonl"
     path.write_text('{"question": "q", "answer": "1 + 1 = 2\\n#### 2"}\n\n{"question": oops}\n')
-    with pytest.raises(ValueError, match=r"test\.jsonl:3: malformed JSON"):
+    with pytest.raises(ValueError, match=r"test\.jsonl:3: not valid JSON"):
         load_task("gsm8k").load("test", path=path)
 
 

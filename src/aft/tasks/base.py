@@ -14,12 +14,13 @@ from __future__ import annotations
 
 import ast
 import collections
-import json
 import math
 import operator
 import re
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
+
+from aft import data
 
 # ---------------------------------------------------------------------------------------------------
 # Numbers
@@ -255,18 +256,8 @@ def check_equations(text: str) -> tuple[int, int]:
 
 def read_jsonl(path: str | Path):
     """Yield (where, row) for each non-blank line; ``where`` is "file:line" for error messages."""
-    path = Path(path)
-    with path.open(encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise ValueError(f"{path}:{number}: malformed JSON ({error.msg})") from error
-            if not isinstance(row, dict):
-                raise ValueError(f"{path}:{number}: expected a JSON object, got {type(row).__name__}")
-            yield f"{path}:{number}", row
+    for number, row in data.read_jsonl(path):  # the one JSONL reader: bad lines raise DataError (a ValueError)
+        yield f"{path}:{number}", row
 
 
 class Task:
