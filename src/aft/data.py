@@ -146,11 +146,12 @@ def tokenize_group(tokenizer, group, max_length: int, report: Counter, nll_on: s
             continue
         keep.append(i)
         completion_ids.append(ids)
+    is_positive = positives(group)
     feature = {
         "prompt_ids": prompt_ids,
         "completion_ids": completion_ids,
         "labels": [float(group["labels"][i]) for i in keep],
-        "positive": [positives(group)[i] for i in keep],
+        "positive": [is_positive[i] for i in keep],
     }
     if "ref_logps" in group:
         feature["ref_logps"] = [group["ref_logps"][i] for i in keep]

@@ -135,13 +135,13 @@ def evaluate(config: EvalConfig) -> dict:
         winners = [ts[a.index(majority(a))] if majority(a) is not None else "" for ts, a in zip(votes, answers)]
         metrics["vote_accuracy"] = sum(task.is_correct(t, e) for t, e in zip(winners, examples)) / len(examples)
         metrics["vote_samples"] = config.vote_samples
+    out = Path(config.output)
+    out.parent.mkdir(parents=True, exist_ok=True)
     if config.groups:
         groups, _ = load_groups(config.groups)
         scores = score_groups(model, tokenizer, groups, config.max_length)
         metrics.update(assessment_accuracy(groups, scores))
-        _write_scores(Path(config.output).with_name("scores.jsonl"), groups, scores)
-    out = Path(config.output)
-    out.parent.mkdir(parents=True, exist_ok=True)
+        _write_scores(out.with_name("scores.jsonl"), groups, scores)
     with out.with_name("predictions.jsonl").open("w", encoding="utf-8") as f:
         f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
     out.write_text(json.dumps(metrics, indent=2) + "\n")
