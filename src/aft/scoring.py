@@ -7,6 +7,14 @@ are computed only at completion positions and in chunks of rows, so the (batch x
 log-softmax never exists at once: with a 150k vocabulary it would dwarf the model's activations. When a
 graph is being built, each chunk is checkpointed, so its logits are recomputed in the backward pass
 instead of being kept.
+
+Prefix sharing (``group_index`` given): the k candidates of a question share its prompt, so the prompt is
+run once per group with the KV cache on, the cache is gathered once per candidate (``batch_select_indices``,
+differentiable), and only the completion tokens run again, attending to it. That is P + k*C tokens through
+the decoder instead of k*(P + C). Gradients flow through the shared cache into the prompt's computation, so
+scores and gradients equal the unshared ones. Transformers drops the cache under gradient checkpointing, so
+there the plain path is used. It calls the decoder stack itself, so it does not go through accelerate's
+autocast (the weights' own dtype applies) nor through multi-process wrappers (refused there).
 """
 
 from __future__ import annotations
@@ -39,31 +47,27 @@ def _token_logprobs(hidden: torch.Tensor, targets: torch.Tensor, head: torch.nn.
 
 
 def hidden_states(model, input_ids, attention_mask, position_ids=None):
-    """Last hidden states of the decoder stack (before the vocabulary projection)."""
-    base = unwrap(model)
+    """Last hidden states of the decoder stack (after its final norm, before the vocabulary projection).
+
+    The call goes through the outermost wrapper's forward: DDP all-reduces gradients, and FSDP / DeepSpeed
+    gather their shards, only for a forward they see. ``logits_to_keep=1`` keeps the model from computing
+    the full (batch x length x vocab) logits; the scorer projects only completion positions itself.
+    """
     if position_ids is None:
         position_ids = position_ids_for(attention_mask)
-    out = base.base_model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                          use_cache=False)
-    return out.last_hidden_state
+    out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False,
+                output_hidden_states=True, logits_to_keep=1)
+    return out.hidden_states[-1]
 
 
-def completion_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                        completion_mask: torch.Tensor, chunk_size: int = 1024, position_ids=None):
-    """Sum of log-probabilities of each sequence's completion tokens, and how many there are.
+CHUNK_ELEMENTS = 2**24  # default chunk: 64 MB of float32 logits (about 110 rows at a 150k vocabulary)
 
-    ``completion_mask`` (same shape as ``input_ids``) is True at the completion tokens: token t is
-    predicted from position t-1, so position 0 is never scored. Returns ``(logprob_sums, token_counts)``,
-    two 1-D tensors of length batch. ``chunk_size`` rows of the vocabulary projection are computed at a
-    time.
-    """
-    targets_mask = completion_mask[:, 1:].bool() & attention_mask[:, 1:].bool()
-    hidden = hidden_states(model, input_ids, attention_mask, position_ids)[:, :-1]
-    rows = hidden[targets_mask]                               # (N, H): only completion positions
-    targets = input_ids[:, 1:][targets_mask]
-    seq_index = torch.arange(input_ids.shape[0], device=input_ids.device).unsqueeze(1).expand_as(targets_mask)
-    seq_index = seq_index[targets_mask]
+
+def _head_logprobs(model, rows, targets, chunk_size):
+    """log p(target) of each (hidden row, target) pair, ``chunk_size`` rows of the vocabulary at a time."""
     head = unwrap(model).get_output_embeddings()
+    if chunk_size is None:
+        chunk_size = max(1, CHUNK_ELEMENTS // head.weight.shape[0])
     pieces = []
     for start in range(0, rows.shape[0], chunk_size):
         h, t = rows[start:start + chunk_size], targets[start:start + chunk_size]
@@ -71,10 +75,105 @@ def completion_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Te
             pieces.append(checkpoint(_token_logprobs, h, t, head, use_reentrant=False))
         else:
             pieces.append(_token_logprobs(h, t, head))
-    token_logps = torch.cat(pieces) if pieces else rows.new_zeros(0, dtype=torch.float32)
+    return torch.cat(pieces) if pieces else rows.new_zeros(0, dtype=torch.float32)
+
+
+def completion_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                        completion_mask: torch.Tensor, chunk_size: int | None = None, position_ids=None,
+                        group_index: torch.Tensor | None = None):
+    """Sum of log-probabilities of each sequence's completion tokens, and how many there are.
+
+    ``completion_mask`` (same shape as ``input_ids``) is True at the completion tokens: token t is
+    predicted from position t-1, so position 0 is never scored. Returns ``(logprob_sums, token_counts)``,
+    two 1-D tensors of length batch. ``chunk_size`` rows of the vocabulary projection are computed at a
+    time (default: as many as fit in ``CHUNK_ELEMENTS`` logits, so the chunk's memory does not grow with the
+    vocabulary). With ``group_index`` (one group id per sequence; sequences of a group must share their prompt,
+    prompt before completion) each group's prompt is processed once (``shared_prefix_logprobs``).
+    """
+    if group_index is not None and position_ids is None and _can_share(model):
+        return shared_prefix_logprobs(model, input_ids, attention_mask, completion_mask, group_index, chunk_size)
+    targets_mask = completion_mask[:, 1:].bool() & attention_mask[:, 1:].bool()
+    hidden = hidden_states(model, input_ids, attention_mask, position_ids)[:, :-1]
+    rows = hidden[targets_mask]                               # (N, H): only completion positions
+    targets = input_ids[:, 1:][targets_mask]
+    seq_index = torch.arange(input_ids.shape[0], device=input_ids.device).unsqueeze(1).expand_as(targets_mask)
+    seq_index = seq_index[targets_mask]
+    token_logps = _head_logprobs(model, rows, targets, chunk_size)
     sums = torch.zeros(input_ids.shape[0], dtype=torch.float32, device=input_ids.device)
     sums = sums.index_add(0, seq_index, token_logps)
     return sums, targets_mask.sum(dim=1)
+
+
+def _can_share(model) -> bool:
+    """Prefix sharing runs the decoder stack directly, past any wrapper's forward: under DDP / FSDP /
+    DeepSpeed that would skip gradient syncing and shard gathering, so it is refused there."""
+    if isinstance(getattr(model, "module", None), torch.nn.Module):
+        raise ValueError("prefix_sharing works on one process only (no DDP / FSDP / DeepSpeed wrapper); "
+                         "turn it off for multi-process training")
+    base = unwrap(model)
+    checkpointed = getattr(base, "is_activation_checkpointing", None)  # transformers >= 5.x name
+    if checkpointed is None:
+        checkpointed = getattr(base, "is_gradient_checkpointing", False)
+    return not (checkpointed and base.training and torch.is_grad_enabled())
+
+
+def _split(ids, attention, completion):
+    """One sequence's real tokens as (prompt, completion) id lists; the prompt must come first."""
+    real = attention.bool()
+    comp = completion.bool() & real
+    prompt_part, comp_part = ids[real & ~comp].tolist(), ids[comp].tolist()
+    n_prompt = int((real & ~comp).sum())
+    if comp.any() and bool((real.cumsum(0)[comp] <= n_prompt).any()):
+        raise ValueError("prefix sharing needs each sequence's prompt before its completion")
+    return prompt_part, comp_part
+
+
+def shared_prefix_logprobs(model, input_ids, attention_mask, completion_mask, group_index, chunk_size=None):
+    """``completion_logprobs`` with each group's prompt run once (same inputs, same result).
+
+    1. the G distinct prompts, left-padded, go through the decoder with a fresh ``DynamicCache``;
+    2. the cache is gathered to one entry per sequence (a differentiable index, no copy of the weights);
+    3. the completions, right-padded, run on top with positions continuing after their prompt. The first
+       completion token is predicted from the prompt's last hidden state, the others from the completion's.
+    """
+    from transformers import DynamicCache
+
+    base = unwrap(model)
+    device = input_ids.device
+    groups = group_index.tolist()
+    prompts, completions = {}, []
+    ids_cpu, attn_cpu, comp_cpu = input_ids.cpu(), attention_mask.cpu(), completion_mask.cpu()  # one sync
+    for row, g in enumerate(groups):
+        prompt, completion = _split(ids_cpu[row], attn_cpu[row], comp_cpu[row])
+        if not prompt:
+            raise ValueError("prefix sharing needs a non-empty prompt (e.g. BOS) to predict the first token")
+        if prompts.setdefault(g, prompt) != prompt:
+            raise ValueError(f"prefix sharing: sequences of group {g} have different prompts")
+        completions.append(completion)
+    order = list(prompts)                                      # group id -> row of the prompt batch
+    slot = torch.tensor([order.index(g) for g in groups], device=device)
+    p_len = torch.tensor([len(prompts[g]) for g in order], device=device)
+    p_width, pad = int(p_len.max()), 0
+    prompt_ids = torch.tensor([[pad] * (p_width - len(prompts[g])) + prompts[g] for g in order], device=device)
+    prompt_mask = (torch.arange(p_width, device=device) >= p_width - p_len.unsqueeze(1)).long()
+    cache = DynamicCache(config=base.config)
+    prompt_hidden = base.base_model(input_ids=prompt_ids, attention_mask=prompt_mask,
+                                    position_ids=position_ids_for(prompt_mask), cache=cache,
+                                    use_cache=True).last_hidden_state
+    c_len = torch.tensor([len(c) for c in completions], device=device)
+    c_width = max(1, int(c_len.max()))
+    comp_ids = torch.tensor([c + [pad] * (c_width - len(c)) for c in completions], device=device)
+    comp_mask = torch.arange(c_width, device=device) < c_len.unsqueeze(1)
+    cache.batch_select_indices(slot)
+    hidden = base.base_model(input_ids=comp_ids, attention_mask=torch.cat([prompt_mask[slot], comp_mask.long()], 1),
+                             position_ids=p_len[slot].unsqueeze(1) + torch.arange(c_width, device=device),
+                             cache=cache, use_cache=True).last_hidden_state
+    # hidden state that predicts completion token j: the prompt's last for j = 0, the completion's j-1 after
+    predictors = torch.cat([prompt_hidden[slot, -1:], hidden[:, :-1]], dim=1)
+    token_logps = _head_logprobs(model, predictors[comp_mask], comp_ids[comp_mask], chunk_size)
+    seq_index = torch.arange(len(groups), device=device).unsqueeze(1).expand_as(comp_mask)[comp_mask]
+    sums = torch.zeros(len(groups), dtype=torch.float32, device=device).index_add(0, seq_index, token_logps)
+    return sums, c_len
 
 
 def sequence_scores(logprob_sums: torch.Tensor, token_counts: torch.Tensor) -> torch.Tensor:
