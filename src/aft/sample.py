@@ -119,7 +119,7 @@ def sample(config: SampleConfig) -> str:
 
     from aft.tasks import load_task
 
-    state = PartialState()
+    state = PartialState(cpu=not torch.accelerator.is_available())  # cpu: gloo across CPU processes
     task = load_task(config.task)
     examples = task.load(config.split, path=config.data_path, limit=config.limit)
     ids = [e["id"] for e in examples]
