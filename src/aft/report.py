@@ -60,8 +60,9 @@ def plot_scores(scores: dict, path: Path):
         wrong = [r["score"] for r in rows if not r["correct"]]
         lo = min(right + wrong, default=-1.0)
         bins = [lo + (0 - lo) * i / 30 for i in range(31)]
-        ax.hist(wrong, bins=bins, alpha=0.6, label=f"wrong ({len(wrong)})", color="tab:red", density=True)
-        ax.hist(right, bins=bins, alpha=0.6, label=f"right ({len(right)})", color="tab:green", density=True)
+        for values, name_, color in ((wrong, "wrong", "tab:red"), (right, "right", "tab:green")):
+            if values:  # an empty set has no density
+                ax.hist(values, bins=bins, alpha=0.6, label=f"{name_} ({len(values)})", color=color, density=True)
         ax.set_title(name)
         ax.set_xlabel("score (mean token log-prob)")
         ax.legend(fontsize=8)

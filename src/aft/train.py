@@ -15,11 +15,12 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 
 import torch
-from transformers import Trainer, TrainingArguments
+from transformers import Trainer, TrainingArguments, set_seed
 
 from aft import losses
 from aft.data import GroupCollator, SFTCollator, encode_completion, encode_prompt, load_groups, tokenize_group
-from aft.models import ModelFields, load_for_training, save_for_inference
+from aft.models import ModelFields, load_for_training, merge_adapter, save_for_inference
+from aft.grouped import micro_batched_backward
 from aft.scoring import completion_logprobs, sequence_scores
 
 ALIGN_LOSSES = ("aft", "rft", "rrhf", "pro", "dpo")
@@ -41,8 +42,10 @@ class StageDefaults(TrainingArguments):
                                                             "skipped and counted."})
 
     def __post_init__(self):
-        # bf16 autocast works on CPUs too (AMX makes it about 2x faster); transformers only allows it with use_cpu
-        if self.bf16 and not torch.cuda.is_available():
+        # With no GPU, say so: transformers allows bf16 autocast on CPU only with use_cpu (AMX makes it about 2x
+        # faster), and only with use_cpu does accelerate set up gloo under `accelerate launch` / torchrun
+        # (else every process trains alone on the whole data set).
+        if not torch.accelerator.is_available():
             self.use_cpu = True
         super().__post_init__()
 
@@ -72,6 +75,13 @@ class AlignConfig(ModelFields, StageDefaults):
     nll_on: str = field(default="both", metadata={
         "help": "What the NLL term trains on: reference COT, positives (correct samples), both, or none."})
     max_candidates: int | None = field(default=None, metadata={"help": "Keep at most N candidates per group."})
+    prefix_sharing: bool = field(default=False, metadata={
+        "help": "Run each group's prompt once and share its KV cache among the group's completions (same result; "
+                "skipped under gradient checkpointing; one process only, no bf16 autocast). Off by default: "
+                "no gain measured on CPU (docs/performance.md)."})
+    candidate_micro_batch: int | None = field(default=None, metadata={
+        "help": "Back-propagate N sequences at a time (exact gradient; one extra graph-free forward), so memory "
+                "does not grow with k. Not with DeepSpeed. See aft.grouped."})
 
     def __post_init__(self):
         super().__post_init__()
@@ -103,6 +113,8 @@ class MetricsMixin:
 class SFTTrainer(MetricsMixin, Trainer):
     """Token-level NLL of the completion, through the same chunked scorer the alignment losses use."""
 
+    loss_is_scaled_for_ga = False  # our loss is a per-micro-batch mean: the Trainer divides by accumulation steps
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         sums, counts = completion_logprobs(model, inputs["input_ids"], inputs["attention_mask"],
                                            inputs["completion_mask"])
@@ -113,20 +125,41 @@ class SFTTrainer(MetricsMixin, Trainer):
 class AlignTrainer(MetricsMixin, Trainer):
     """``compute_loss`` scores every candidate of each group and calls the pure loss of ``args.loss``."""
 
+    # Our loss is a per-micro-batch mean. Without this the Trainer, seeing a "labels" key and a model whose
+    # forward takes **kwargs, assumes the loss was normalised by num_items_in_batch and skips dividing by
+    # the accumulation steps, so gradient_accumulation_steps=2 would double the gradient.
+    loss_is_scaled_for_ga = False
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         args: AlignConfig = self.args
-        sums, counts = completion_logprobs(model, inputs["input_ids"], inputs["attention_mask"],
-                                           inputs["completion_mask"])
+        groups = inputs["group_index"] if args.prefix_sharing else None
+        if args.candidate_micro_batch and model.training and torch.is_grad_enabled():
+            # The backward happens here, micro-batch by micro-batch (aft.grouped); the Trainer's own backward
+            # then runs on a detached leaf and adds nothing. Scaled as training_step scales the loss.
+            loss, scores, nll, rank = micro_batched_backward(
+                model, inputs, lambda sums, counts: self.objective(sums, counts, inputs), args.candidate_micro_batch,
+                scale=1.0 / getattr(self, "current_gradient_accumulation_steps", args.gradient_accumulation_steps), backward=self.accelerator.backward,
+                no_sync=lambda: self.accelerator.no_sync(model), prefix_sharing=args.prefix_sharing)
+            loss = loss.requires_grad_()
+        else:
+            sums, counts = completion_logprobs(model, inputs["input_ids"], inputs["attention_mask"],
+                                               inputs["completion_mask"], group_index=groups)
+            loss, scores, nll, rank = self.objective(sums, counts, inputs)
+        self._record_batch(scores.detach(), inputs["labels"], inputs["candidate_mask"], nll, rank)
+        return (loss, {}) if return_outputs else loss
+
+    def objective(self, sums, counts, inputs):
+        """``L = nll_weight * L_NLL + align_weight * L_rank`` from the per-sequence log-prob sums."""
+        args: AlignConfig = self.args
         nll = losses.nll_loss(sums, counts, inputs["nll_weight"])
         is_cand = inputs["candidate_index"] >= 0
         g, k = inputs["group_index"][is_cand], inputs["candidate_index"][is_cand]
-        labels, mask = inputs["labels"], inputs["candidate_mask"]
+        labels = inputs["labels"]
         # Fold the flat per-sequence values back into the (groups x candidates) layout of the losses.
         scores = sums.new_zeros(labels.shape).index_put((g, k), sequence_scores(sums, counts)[is_cand])
         rank = self.rank_loss(scores, sums.new_zeros(labels.shape).index_put((g, k), sums[is_cand]), inputs)
         loss = args.nll_weight * nll + (args.align_weight * rank if rank is not None else 0.0)
-        self._record_batch(scores.detach(), labels, mask, nll, rank)
-        return (loss, {}) if return_outputs else loss
+        return loss, scores, nll, rank
 
     def rank_loss(self, scores, summed, inputs):
         a: AlignConfig = self.args
@@ -167,6 +200,7 @@ def sft(config: SFTConfig) -> str:
     """Vanilla fine-tuning. Returns the folder of the saved model."""
     from aft.tasks import load_task
 
+    set_seed(config.seed)  # before the model exists: LoRA's initial weights are drawn from it
     model, tokenizer = load_for_training(config)
     task = load_task(config.task)
     features, skipped = [], Counter()
@@ -222,6 +256,7 @@ def add_reference_logps(model, features, pad_id: int, batch_size: int = 16):
 
 def align(config: AlignConfig) -> str:
     """Alignment stage (AFT or a baseline). Returns the folder of the saved model."""
+    set_seed(config.seed)  # before the model exists: LoRA's initial weights are drawn from it
     model, tokenizer = load_for_training(config)
     features = align_features(config, tokenizer)
     if config.loss == "dpo" and any("ref_logps" not in f for f in features):
@@ -235,12 +270,26 @@ def align(config: AlignConfig) -> str:
 
 
 def finish(trainer, tokenizer, config):
-    """Save the model for inference, and the logged history that `aft report` plots."""
+    """Save the model for inference (once, by the main process), and the logged history that `aft report`
+    plots. Under DeepSpeed or FSDP the trainer gathers the sharded weights first (ZeRO-3 needs
+    ``stage3_gather_16bit_weights_on_model_save``, FSDP a FULL_STATE_DICT, as the shipped configs set)."""
     import os
 
-    save_for_inference(trainer.model, tokenizer, config.output_dir)
-    if trainer.is_world_process_zero():
+    trainer.accelerator.wait_for_everyone()
+    main = trainer.is_world_process_zero()
+    if trainer.is_deepspeed_enabled or trainer.is_fsdp_enabled:
+        lora = config.lora_r > 0
+        trainer.save_model(os.path.join(config.output_dir, "adapter") if lora else config.output_dir)
+        if main and lora:  # only the adapter comes back gathered: merge it into a fresh copy of the base
+            merge_adapter(config.model, os.path.join(config.output_dir, "adapter"), config.output_dir, tokenizer,
+                          config.model_dtype, config.trust_remote_code)
+        elif main:
+            tokenizer.save_pretrained(config.output_dir)
+    elif main:
+        save_for_inference(trainer.model, tokenizer, config.output_dir)
+    if main:
         trainer.state.save_to_json(os.path.join(config.output_dir, "trainer_state.json"))
+    trainer.accelerator.wait_for_everyone()
 
 
 def _last_checkpoint(config: TrainingArguments):
