@@ -22,3 +22,12 @@ def tokenizer():
 def tiny_model(tokenizer):
     torch.manual_seed(0)
     return build_model(tokenizer, size="test", seed=0)
+
+
+@pytest.fixture(scope="session")
+def checkpoint(tmp_path_factory, tokenizer):
+    """The tiny Llama and its tokenizer saved in a folder, as the stages load them."""
+    folder = tmp_path_factory.mktemp("tiny")
+    build_model(tokenizer, size="test", seed=0).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return str(folder)

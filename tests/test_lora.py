@@ -18,16 +18,7 @@ from transformers import AutoModelForCausalLM
 
 import aft.train
 from aft.models import load_model
-from aft.tiny import build_model
 from aft.train import AlignConfig, align
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory, tokenizer):
-    folder = tmp_path_factory.mktemp("tiny")
-    build_model(tokenizer, size="test", seed=0).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return str(folder)
 
 
 def _groups(path):

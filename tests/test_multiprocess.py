@@ -27,14 +27,6 @@ DDP = Path(__file__).resolve().parents[1] / "configs" / "accelerate" / "ddp.yaml
 TASK = "arithmetic:min_steps=1,max_steps=2,n_train=32,n_val=4,n_test=8"
 
 
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory, tokenizer):
-    folder = tmp_path_factory.mktemp("tiny")
-    build_model(tokenizer, size="test", seed=0).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return str(folder)
-
-
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -21,14 +21,6 @@ COMMON = dict(per_device_train_batch_size=4, max_steps=4, logging_steps=1, learn
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory, tokenizer):
-    folder = tmp_path_factory.mktemp("tiny")
-    build_model(tokenizer, size="test", seed=0).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return str(folder)
-
-
-@pytest.fixture(scope="module")
 def groups(tmp_path_factory):
     rows = [{"id": f"q{i}", "prompt": f"Question: {i} + 3?\nAnswer:", "reference": f" {i} + 3 = {i + 3}\n#### {i + 3}",
              "completions": [f" {i} + 3 = {i + 3}\n#### {i + 3}", f" {i} + 3 = {i + 4}\n#### {i + 4}"],

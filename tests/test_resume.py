@@ -15,7 +15,6 @@ from safetensors.torch import load_file
 from transformers import TrainerCallback
 
 import aft.train
-from aft.tiny import build_model
 from aft.train import AlignConfig, SFTConfig, align, sft
 
 TASK = "arithmetic:min_steps=1,max_steps=2,n_train=32,n_val=4,n_test=8"
@@ -40,14 +39,6 @@ def killed_at(trainer_class, step):
             super().__init__(*args, **kwargs)
             self.add_callback(KillAfterCheckpoint(step))
     return Trainer
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory, tokenizer):
-    folder = tmp_path_factory.mktemp("tiny")
-    build_model(tokenizer, size="test", seed=0).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return str(folder)
 
 
 def _losses(folder):
