@@ -21,16 +21,14 @@ from aft.losses import pair_mask
 from aft.models import ModelFields, load_model, load_tokenizer
 from aft.sample import generate_batch, plan_batches
 from aft.scoring import completion_logprobs, sequence_scores
+from aft.tasks import TaskFields
 
 
 @dataclass
-class EvalConfig(ModelFields):
+class EvalConfig(ModelFields, TaskFields):
     """Evaluate a model on a task split (and, given labelled groups, its assessment accuracy)."""
 
-    task: str = field(default="arithmetic", metadata={"help": "Task name (see `aft.tasks`)."})
-    data_path: str | None = field(default=None, metadata={"help": "Local JSONL file or folder; default: the hub."})
-    split: str = field(default="test", metadata={"help": "Split to evaluate on."})
-    limit: int | None = field(default=None, metadata={"help": "Only the first N questions."})
+    split: str = field(default="test", metadata={"help": "Split to evaluate on."})  # not train, as elsewhere
     output: str = field(default="eval.json", metadata={"help": "JSON file for the metrics."})
     max_new_tokens: int = field(default=256, metadata={"help": "Longest completion in tokens."})
     batch_size: int = field(default=32, metadata={"help": "Questions per generate call."})
@@ -109,12 +107,9 @@ def assessment_accuracy(groups, scores) -> dict:
 
 def evaluate(config: EvalConfig) -> dict:
     """Run the evaluation stage; writes ``config.output`` (metrics) and ``predictions.jsonl`` beside it."""
-    from aft.tasks import load_task
-
-    task = load_task(config.task)
+    task, examples = config.load_examples()
     tokenizer = load_tokenizer(config.tokenizer or config.model, config.trust_remote_code)
     model = load_model(config.model, config.model_dtype, config.trust_remote_code).eval()
-    examples = task.load(config.split, path=config.data_path, limit=config.limit)
     prompts = [task.format_prompt(e) for e in examples]
     greedy = generate_all(model, tokenizer, prompts, max_new_tokens=config.max_new_tokens,
                           batch_size=config.batch_size, desc="eval greedy")

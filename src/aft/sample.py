@@ -18,16 +18,13 @@ from tqdm.auto import tqdm
 
 from aft.data import DataError, encode_prompt, read_jsonl, write_jsonl
 from aft.models import ModelFields, load_model, load_tokenizer
+from aft.tasks import TaskFields
 
 
 @dataclass
-class SampleConfig(ModelFields):
+class SampleConfig(ModelFields, TaskFields):
     """Sample k COTs per question of a task split."""
 
-    task: str = field(default="arithmetic", metadata={"help": "Task name (see `aft.tasks`)."})
-    data_path: str | None = field(default=None, metadata={"help": "Local JSONL file or folder; default: the hub."})
-    split: str = field(default="train", metadata={"help": "Split whose questions are sampled."})
-    limit: int | None = field(default=None, metadata={"help": "Only the first N questions."})
     output: str = field(default="samples.jsonl", metadata={"help": "Groups JSONL to write (resumed if present)."})
     k: int = field(default=8, metadata={"help": "Samples per question (before de-duplication)."})
     temperature: float = field(default=0.8, metadata={"help": "Sampling temperature; 0 means greedy."})
@@ -117,11 +114,8 @@ def sample(config: SampleConfig) -> str:
     """Run the sampling stage; returns the path of the groups file."""
     from accelerate import PartialState
 
-    from aft.tasks import load_task
-
     state = PartialState(cpu=not torch.accelerator.is_available())  # cpu: gloo across CPU processes
-    task = load_task(config.task)
-    examples = task.load(config.split, path=config.data_path, limit=config.limit)
+    task, examples = config.load_examples()
     ids = [e["id"] for e in examples]
     if len(set(ids)) != len(ids):
         raise DataError(f"{config.task}/{config.split}: duplicate question ids")

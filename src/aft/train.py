@@ -21,6 +21,7 @@ from aft import losses
 from aft.data import GroupCollator, SFTCollator, encode_completion, encode_prompt, load_groups, tokenize_group
 from aft.models import ModelFields, load_for_training, merge_adapter, save_for_inference
 from aft.grouped import micro_batched_backward
+from aft.tasks import TaskFields
 from aft.scoring import completion_logprobs, sequence_scores
 
 ALIGN_LOSSES = ("aft", "rft", "rrhf", "pro", "dpo")
@@ -51,14 +52,9 @@ class StageDefaults(TrainingArguments):
 
 
 @dataclass
-class SFTConfig(ModelFields, StageDefaults):
+class SFTConfig(ModelFields, TaskFields, StageDefaults):
     """Vanilla fine-tuning on (question, reference COT) pairs of a task."""
 
-    task: str = field(default="arithmetic", metadata={"help": "Task name (see `aft.tasks`)."})
-    data_path: str | None = field(default=None, metadata={
-        "help": "Local JSONL file or folder of {split}.jsonl; default: the task's Hugging Face hub dataset."})
-    split: str = field(default="train", metadata={"help": "Split to train on."})
-    limit: int | None = field(default=None, metadata={"help": "Use only the first N examples."})
 
 
 @dataclass
@@ -198,13 +194,11 @@ def _report(title, counts: Counter):
 
 def sft(config: SFTConfig) -> str:
     """Vanilla fine-tuning. Returns the folder of the saved model."""
-    from aft.tasks import load_task
-
     set_seed(config.seed)  # before the model exists: LoRA's initial weights are drawn from it
     model, tokenizer = load_for_training(config)
-    task = load_task(config.task)
+    task, examples = config.load_examples()
     features, skipped = [], Counter()
-    for example in task.load(config.split, path=config.data_path, limit=config.limit):
+    for example in examples:
         prompt = encode_prompt(tokenizer, task.format_prompt(example))
         completion = encode_completion(tokenizer, task.reference_cot(example))
         if len(prompt) + len(completion) > config.max_length:

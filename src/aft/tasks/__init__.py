@@ -9,6 +9,8 @@
     task.is_correct(target, example)  # True
 """
 
+from dataclasses import dataclass, field
+
 from aft.tasks.aqua import AQuATask
 from aft.tasks.arithmetic import ArithmeticTask
 from aft.tasks.base import Task
@@ -52,4 +54,20 @@ def load_task(name: str, **kwargs) -> Task:
     return TASKS[name](**kwargs)
 
 
-__all__ = ["TASKS", "Task", "load_task", "AQuATask", "ArithmeticTask", "ECQATask", "GSM8KTask"]
+@dataclass
+class TaskFields:
+    """What every stage that reads a task's questions needs; shared by the stage configs (and CLI flags)."""
+
+    task: str = field(default="arithmetic", metadata={"help": "Task name, options after a colon (see `aft.tasks`)."})
+    data_path: str | None = field(default=None, metadata={
+        "help": "Local JSONL file or folder of {split}.jsonl; default: the task's Hugging Face hub dataset."})
+    split: str = field(default="train", metadata={"help": "Split to read."})
+    limit: int | None = field(default=None, metadata={"help": "Only the first N questions."})
+
+    def load_examples(self):
+        """The task object and the examples of ``split``."""
+        task = load_task(self.task)
+        return task, task.load(self.split, path=self.data_path, limit=self.limit)
+
+
+__all__ = ["TaskFields", "TASKS", "Task", "load_task", "AQuATask", "ArithmeticTask", "ECQATask", "GSM8KTask"]
