@@ -23,6 +23,7 @@ class AQuATask(Task):
     hub_name = "deepmind/aqua_rat"
     hub_config = "raw"
     hub_splits = {"dev": "validation"}
+    cot_field = "rationale"  # where the worked explanation sits (ECQA, a subclass, calls it "explanation")
 
     def make_example(self, row: dict, split: str, index: int) -> dict:
         options = [_strip_letter(option, letter) for option, letter in zip(row["options"], LETTERS)]
@@ -38,7 +39,7 @@ class AQuATask(Task):
         return format_options(example["question"], example["options"])
 
     def reference_cot(self, example: dict) -> str:
-        return answer_line_cot(example["rationale"], example["answer"])
+        return answer_line_cot(example[self.cot_field], example["answer"])
 
     def parse_answer(self, text: str) -> str | None:
         return extract_letter(text, LETTERS)

@@ -14,16 +14,17 @@ properties where it is empty), then "The answer is X"::
 
 from __future__ import annotations
 
-from aft.tasks.base import Task, answer_line_cot, extract_letter, format_options
-
-LETTERS = "ABCDE"
+from aft.tasks.aqua import LETTERS, AQuATask
 
 
-class ECQATask(Task):
+class ECQATask(AQuATask):
+    """Same multiple-choice prompt, reference and letter extraction as AQuA; its own fields."""
+
     name = "ecqa"
     hub_name = "yangdong/ecqa"
     hub_config = None
     hub_splits = {"dev": "validation"}
+    cot_field = "explanation"
 
     def make_example(self, row: dict, split: str, index: int) -> dict:
         options = [str(row[f"q_op{number}"]).strip() for number in range(1, 6)]
@@ -40,12 +41,3 @@ class ECQATask(Task):
         example_id = str(row["q_no"]) if row.get("q_no") is not None else self.example_id(row, split, index)
         return {"id": example_id, "question": str(row["q_text"]).strip(), "answer": answer,
                 "options": options, "explanation": explanation, "concept": row.get("q_concept")}
-
-    def format_prompt(self, example: dict) -> str:
-        return format_options(example["question"], example["options"])
-
-    def reference_cot(self, example: dict) -> str:
-        return answer_line_cot(example["explanation"], example["answer"])
-
-    def parse_answer(self, text: str) -> str | None:
-        return extract_letter(text, LETTERS)
