@@ -7,6 +7,7 @@
     aft eval    --model runs/aft --groups test_labeled.jsonl  (aft.evaluate.evaluate)
     aft report  RUN_DIR                                       (aft.report.report)
     aft run     CONFIG.yaml                                   (aft.pipeline.run)
+    aft study   CONFIG.yaml                                   (aft.study.study)
     aft demo                                                  (aft.demo.demo)
 
 Flags come from each stage's config dataclass (``transformers.HfArgumentParser``), so every flag is also
@@ -54,6 +55,7 @@ commands:
   demo     the whole pipeline on a built-in task with a small model, offline, on CPU
   run      the stages of a pipeline config, in order, resumable
   report   plots and a markdown page for a run directory
+  study    the paper's comparison over seeds (methods, sweep, claims), written up as markdown
 {stages}"""
 
 
@@ -70,6 +72,9 @@ def main(argv=None):
     if command == "run":
         from aft.pipeline import main as run_main
         return run_main(rest)
+    if command == "study":
+        from aft.study import main as study_main
+        return study_main(rest)
     if command == "report":
         from aft.report import main as report_main
         return report_main(rest)

@@ -105,21 +105,50 @@ def assessment_accuracy(groups, scores) -> dict:
             "score_positive": mean(pos), "score_negative": mean(neg)}
 
 
+def task_accuracy(model, tokenizer, task, examples, max_new_tokens=256, batch_size=32, desc="eval greedy"):
+    """Greedy-decoding accuracy on ``examples``, and one record per question.
+
+    Where the examples carry a ``variant`` or ``steps`` field with more than one value (a multi-task mixture,
+    problems of several lengths), the accuracy per value is reported too (``accuracy_by_variant``, ...)."""
+    prompts = [task.format_prompt(e) for e in examples]
+    greedy = generate_all(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size, desc=desc)
+    task.stats.clear()
+    correct = [task.is_correct(t[0], e) for t, e in zip(greedy, examples)]
+    metrics = {"questions": len(examples), "accuracy": sum(correct) / len(examples) if examples else None,
+               "no_answer": task.stats["no_answer"]}
+    for key in ("variant", "steps"):
+        values = sorted({e[key] for e in examples if key in e}, key=str)
+        if len(values) > 1:
+            metrics[f"accuracy_by_{key}"] = {
+                str(v): sum(c for c, e in zip(correct, examples) if e.get(key) == v) / sum(e.get(key) == v for e in examples)
+                for v in values}
+    records = [{"id": e["id"], "answer": e["answer"], "greedy": t[0], "correct": c}
+               for e, t, c in zip(examples, greedy, correct)]
+    return metrics, records
+
+
+def held_out_metrics(model, tokenizer, task, examples, groups=None, max_new_tokens=256, max_length=512,
+                     batch_size=32) -> dict:
+    """Accuracy on held-out questions and, given labelled groups, assessment accuracy: what the training
+    stages log at each evaluation (early stopping, curves of accuracy against step)."""
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        metrics, _ = task_accuracy(model, tokenizer, task, examples, max_new_tokens, batch_size, desc="held-out")
+        if groups:
+            metrics.update(assessment_accuracy(groups, score_groups(model, tokenizer, groups, max_length)))
+    model.train(was_training)
+    return metrics
+
+
 def evaluate(config: EvalConfig) -> dict:
     """Run the evaluation stage; writes ``config.output`` (metrics) and ``predictions.jsonl`` beside it."""
     task, examples = config.load_examples()
     tokenizer = load_tokenizer(config.tokenizer or config.model, config.trust_remote_code)
     model = load_model(config.model, config.model_dtype, config.trust_remote_code).eval()
     prompts = [task.format_prompt(e) for e in examples]
-    greedy = generate_all(model, tokenizer, prompts, max_new_tokens=config.max_new_tokens,
-                          batch_size=config.batch_size, desc="eval greedy")
-    task.stats.clear()
-    correct = [task.is_correct(t[0], e) for t, e in zip(greedy, examples)]
-    metrics = {"model": config.model, "task": config.task, "split": config.split, "questions": len(examples),
-               "accuracy": sum(correct) / len(examples) if examples else None,
-               "no_answer": task.stats["no_answer"]}
-    records = [{"id": e["id"], "answer": e["answer"], "greedy": t[0], "correct": c}
-               for e, t, c in zip(examples, greedy, correct)]
+    accuracy, records = task_accuracy(model, tokenizer, task, examples, config.max_new_tokens, config.batch_size)
+    metrics = {"model": config.model, "task": config.task, "split": config.split, **accuracy}
     if config.vote_samples > 0:
         votes = generate_all(model, tokenizer, prompts, k=config.vote_samples, temperature=config.vote_temperature,
                              max_new_tokens=config.max_new_tokens, batch_size=max(1, config.batch_size //

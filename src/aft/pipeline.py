@@ -78,7 +78,7 @@ def build_stage_config(spec: dict, defaults: dict, run_dir: Path, outputs: dict)
     unknown = set(values) - names
     if unknown:
         raise ValueError(f"stage {spec['name']!r} ({kind}): unknown field(s) {sorted(unknown)}")
-    for key in ("model", "tokenizer", "groups"):
+    for key in ("model", "tokenizer", "groups", "eval_groups"):
         if isinstance(values.get(key), str) and values[key] in outputs:
             values[key] = outputs[values[key]]
     folder = run_dir / spec["name"]

@@ -6,7 +6,8 @@ logged loss parts, mean positive/negative scores and pair accuracy). It writes i
 
 - ``scores.png``: the distribution of the model's scores of right and wrong COTs, one panel per model;
 - ``accuracy.png``: accuracy and assessment accuracy per evaluated model;
-- ``training.png``: positive/negative scores and pair accuracy against step, per alignment stage;
+- ``training.png``: positive/negative scores, pair accuracy and loss against step, per training stage, and
+  held-out accuracy and assessment accuracy where the stage evaluated while training (``--eval_strategy``);
 - ``report.md``: the table and the pictures.
 
     aft report runs/demo [--output DIR]
@@ -72,7 +73,7 @@ def plot_scores(scores: dict, path: Path):
     plt.close(fig)
 
 
-def plot_accuracy(evals: dict, path: Path):
+def plot_accuracy(evals: dict, path: Path, errors: dict | None = None):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -83,9 +84,10 @@ def plot_accuracy(evals: dict, path: Path):
     for offset, key, label in ((-width / 2, "accuracy", "accuracy"),
                                (width / 2, "assessment_accuracy", "assessment accuracy")):
         values = [evals[n].get(key) or 0.0 for n in names]
-        bars = ax.bar([i + offset for i in range(len(names))], values, width, label=label)
-        ax.bar_label(bars, labels=[f"{v:.0%}" for v in values], fontsize=8)
-    ax.set_xticks(range(len(names)), names, rotation=15)
+        spread = [(errors or {}).get(n, {}).get(key) or 0.0 for n in names] if errors else None
+        bars = ax.bar([i + offset for i in range(len(names))], values, width, label=label, yerr=spread, capsize=2)
+        ax.bar_label(bars, labels=[f"{v:.0%}" for v in values], fontsize=7)
+    ax.set_xticks(range(len(names)), names, rotation=30 if len(names) > 6 else 15, ha="right", fontsize=8)
     ax.set_ylim(0, 1.05)
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -99,7 +101,10 @@ def plot_training(training: dict, path: Path):
     import matplotlib.pyplot as plt
 
     panels = [("score_positive", "score_negative"), ("pair_accuracy",), ("loss",)]
-    fig, axes = plt.subplots(1, len(panels), figsize=(13, 3.2))
+    # held-out evaluations during training (--eval_strategy): accuracy and assessment accuracy against step
+    panels += [(key,) for key in ("eval_accuracy", "eval_assessment_accuracy")
+               if any(key in h for history in training.values() for h in history)]
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.3 * len(panels), 3.2))
     for name, history in training.items():
         for ax, keys in zip(axes, panels):
             for key in keys:

@@ -42,7 +42,26 @@ class StageDefaults(TrainingArguments):
     max_length: int = field(default=512, metadata={"help": "Longest prompt + completion in tokens; longer is "
                                                             "skipped and counted."})
 
+    # Held-out evaluation while training (with --eval_strategy steps|epoch): task accuracy by greedy decoding,
+    # not the Trainer's default eval loss, since a lower loss need not mean more right answers.
+    eval_task: str | None = field(default=None, metadata={
+        "help": "Task spec whose questions are evaluated during training (sft: default its own task)."})
+    eval_split: str = field(default="validation", metadata={"help": "Split of eval_task evaluated during training."})
+    eval_limit: int | None = field(default=200, metadata={"help": "Questions evaluated each time."})
+    eval_groups: str | None = field(default=None, metadata={
+        "help": "Labelled groups on which assessment accuracy is logged at each evaluation."})
+    eval_max_new_tokens: int = field(default=256, metadata={"help": "Longest generated answer when evaluating."})
+    early_stopping_patience: int | None = field(default=None, metadata={
+        "help": "Stop after N evaluations without a better held-out accuracy and keep the best model "
+                "(sets load_best_model_at_end, metric_for_best_model=accuracy, save_strategy=eval_strategy)."})
+
     def __post_init__(self):
+        if self.early_stopping_patience is not None:
+            if str(getattr(self.eval_strategy, "value", self.eval_strategy)) == "no":
+                raise ValueError("early_stopping_patience needs eval_strategy 'epoch' or 'steps'")
+            self.load_best_model_at_end, self.metric_for_best_model, self.greater_is_better = True, "accuracy", True
+            self.save_strategy = self.eval_strategy
+            self.save_steps = self.eval_steps or self.save_steps
         # With no GPU, say so: transformers allows bf16 autocast on CPU only with use_cpu (AMX makes it about 2x
         # faster), and only with use_cpu does accelerate set up gloo under `accelerate launch` / torchrun
         # (else every process trains alone on the whole data set).
@@ -106,7 +125,51 @@ class MetricsMixin:
         super().log(logs, start_time)
 
 
-class SFTTrainer(MetricsMixin, Trainer):
+class HeldOutEvalMixin:
+    """``evaluate`` measures held-out task accuracy (and assessment accuracy on ``eval_groups``) by generation,
+    logs it as ``eval_accuracy`` / ``eval_assessment_accuracy`` and hands it to the callbacks (early stopping,
+    best-model selection), as the Trainer's own evaluate does with its loss."""
+
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix="eval"):
+        from aft.evaluate import held_out_metrics
+
+        task, examples, groups = self.held_out
+        model = self.accelerator.unwrap_model(self.model)
+        found = held_out_metrics(model, self.processing_class, task, examples, groups,
+                                 self.args.eval_max_new_tokens, self.args.max_length,
+                                 self.args.per_device_eval_batch_size * 4)
+        metrics = {f"{metric_key_prefix}_{k}": v for k, v in found.items() if isinstance(v, (int, float))}
+        self.log(metrics)
+        self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
+        return metrics
+
+
+def held_out(config, default_task: str | None = None):
+    """(task, examples, groups) that training evaluates on, or None when evaluation is off."""
+    from aft.tasks import load_task
+
+    if str(getattr(config.eval_strategy, "value", config.eval_strategy)) == "no":
+        return None
+    spec = config.eval_task or default_task
+    if not spec:
+        raise ValueError("evaluation during training needs eval_task (a task spec with a held-out split)")
+    task = load_task(spec)
+    groups = load_groups(config.eval_groups)[0] if config.eval_groups else None
+    return task, task.load(config.eval_split, limit=config.eval_limit), groups
+
+
+def make_trainer(cls, config, default_task=None, **kwargs):
+    """A trainer of ``cls`` with held-out evaluation and early stopping wired in where the config asks."""
+    from transformers import EarlyStoppingCallback
+
+    evaluation = held_out(config, default_task)
+    callbacks = [EarlyStoppingCallback(config.early_stopping_patience)] if config.early_stopping_patience else []
+    trainer = cls(args=config, eval_dataset=evaluation[1] if evaluation else None, callbacks=callbacks, **kwargs)
+    trainer.held_out = evaluation
+    return trainer
+
+
+class SFTTrainer(HeldOutEvalMixin, MetricsMixin, Trainer):
     """Token-level NLL of the completion, through the same chunked scorer the alignment losses use."""
 
     loss_is_scaled_for_ga = False  # our loss is a per-micro-batch mean: the Trainer divides by accumulation steps
@@ -118,7 +181,7 @@ class SFTTrainer(MetricsMixin, Trainer):
         return (loss, {}) if return_outputs else loss
 
 
-class AlignTrainer(MetricsMixin, Trainer):
+class AlignTrainer(HeldOutEvalMixin, MetricsMixin, Trainer):
     """``compute_loss`` scores every candidate of each group and calls the pure loss of ``args.loss``."""
 
     # Our loss is a per-micro-batch mean. Without this the Trainer, seeing a "labels" key and a model whose
@@ -208,8 +271,8 @@ def sft(config: SFTConfig) -> str:
     _report(f"sft data ({len(features)} examples)", skipped)
     if not features:
         raise ValueError(f"no training example fits max_length={config.max_length}")
-    trainer = SFTTrainer(model=model, args=config, train_dataset=features,
-                         data_collator=SFTCollator(tokenizer.pad_token_id), processing_class=tokenizer)
+    trainer = make_trainer(SFTTrainer, config, config.task, model=model, train_dataset=features,
+                           data_collator=SFTCollator(tokenizer.pad_token_id), processing_class=tokenizer)
     trainer.train(resume_from_checkpoint=_last_checkpoint(config))
     finish(trainer, tokenizer, config)
     return config.output_dir
@@ -255,7 +318,7 @@ def align(config: AlignConfig) -> str:
     features = align_features(config, tokenizer)
     if config.loss == "dpo" and any("ref_logps" not in f for f in features):
         add_reference_logps(model, features, tokenizer.pad_token_id)
-    trainer = AlignTrainer(model=model, args=config, train_dataset=features,
+    trainer = make_trainer(AlignTrainer, config, model=model, train_dataset=features,
                            data_collator=GroupCollator(tokenizer.pad_token_id, config.nll_on),
                            processing_class=tokenizer)
     trainer.train(resume_from_checkpoint=_last_checkpoint(config))

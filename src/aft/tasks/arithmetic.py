@@ -11,7 +11,8 @@ last line is ``#### N``, so answers, extraction and step checks work exactly as 
     #### 14
 
 Variants differ in story and operations so that multi-task training has two tasks to mix: ``"shop"``
-(buy / find / give / sell: + and -) and ``"mixed"`` (+, -, * and exact division). Difficulty is the
+(buy / find / give / sell: + and -) and ``"mixed"`` (+, -, * and exact division); ``"shop+mixed"`` draws
+each question from either (its ``variant`` field says which, and ``aft eval`` reports accuracy per variant). Difficulty is the
 number of steps (``min_steps`` .. ``max_steps``) and the operand size (``max_value``); every value along
 the way is a non-negative integer below 1000. Splits "train", "validation" and "test" come from one
 ``random.Random(seed)`` stream, generated test first (so the test set does not change with
@@ -56,8 +57,10 @@ class ArithmeticTask(GSM8KTask):
     def __init__(self, variant: str = "shop", min_steps: int = 2, max_steps: int = 3, max_value: int = 20,
                  seed: int = 0, n_train: int = 2000, n_val: int = 200, n_test: int = 200):
         super().__init__()
-        if variant not in VARIANTS:
-            raise ValueError(f"unknown arithmetic variant {variant!r}; choose from {sorted(VARIANTS)}")
+        self.variants = variant.split("+")  # "shop+mixed": a multi-task mixture, each question of either
+        if not variant or any(v not in VARIANTS for v in self.variants):
+            raise ValueError(f"unknown arithmetic variant {variant!r}; choose from {sorted(VARIANTS)} "
+                             "or several joined by '+'")
         if not 1 <= min_steps <= max_steps:
             raise ValueError(f"need 1 <= min_steps <= max_steps, got {min_steps}, {max_steps}")
         if not 2 <= max_value <= CAP:
@@ -92,24 +95,26 @@ class ArithmeticTask(GSM8KTask):
                 if attempts > 100 * self.sizes[split] + 1000:
                     raise ValueError(f"cannot make {self.sizes[split]} distinct {split} questions with "
                                      f"max_value={self.max_value}, steps {self.min_steps}..{self.max_steps}")
-                question, lines, answer = self._problem(rng)
+                # one variant draws nothing extra, so single-variant splits stay as they were
+                variant = rng.choice(self.variants) if len(self.variants) > 1 else self.variant
+                question, lines, answer = self._problem(rng, variant)
                 if question in seen:
                     continue
                 seen.add(question)
                 examples.append({"id": f"arithmetic-{self.variant}/{split}/{len(examples)}", "question": question,
                                  "answer": str(answer), "solution": "\n".join(lines + [f"#### {answer}"]),
-                                 "variant": self.variant, "steps": len(lines)})
+                                 "variant": variant, "steps": len(lines)})
             splits[split] = examples
         return splits
 
-    def _problem(self, rng: random.Random) -> tuple[str, list[str], int]:
-        story = VARIANTS[self.variant]
+    def _problem(self, rng: random.Random, variant: str) -> tuple[str, list[str], int]:
+        story = VARIANTS[variant]
         name, pronoun = rng.choice(NAMES)
         thing = rng.choice(story["objects"])
         value = rng.randint(2, self.max_value)
         sentences, lines = [f"{name} has {value} {thing}."], []
         for step in range(rng.randint(self.min_steps, self.max_steps)):
-            op, operand = self._operation(rng, value)
+            op, operand = self._operation(rng, value, variant)
             result = {"+": value + operand, "-": value - operand, "*": value * operand, "/": value // operand}[op]
             lines.append(f"{value} {op} {operand} = {result}")
             sentence = rng.choice(story[op]).format(n=operand, **PRONOUNS[pronoun])
@@ -118,11 +123,11 @@ class ArithmeticTask(GSM8KTask):
         sentences.append(f"How many {thing} does {name} have now?")
         return " ".join(sentences), lines, value
 
-    def _operation(self, rng: random.Random, value: int) -> tuple[str, int]:
+    def _operation(self, rng: random.Random, value: int, variant: str) -> tuple[str, int]:
         # Only operations that keep the value a positive integer within CAP (so later steps stay possible).
         divisors = [d for d in range(2, 10) if value % d == 0 and value // d >= 1]
         feasible = {"+": value < CAP, "-": value >= 2, "*": value * 2 <= CAP, "/": bool(divisors)}
-        op = rng.choice([op for op in "+-*/" if op in VARIANTS[self.variant] and feasible[op]])
+        op = rng.choice([op for op in "+-*/" if op in VARIANTS[variant] and feasible[op]])
         if op == "+":
             return op, rng.randint(1, min(self.max_value, CAP - value))
         if op == "-":
