@@ -154,3 +154,27 @@ def test_align_data_parallel_matches_gradient_accumulation(checkpoint, tmp_path)
     launch(["align", *common, "--output_dir", str(tmp_path / "one"), "--gradient_accumulation_steps", "2"], 1)
     launch(["align", *common, "--output_dir", str(tmp_path / "two")], 2)
     _assert_same_run(tmp_path / "one", tmp_path / "two")
+
+
+def test_aft_run_under_two_processes_writes_each_file_once(tmp_path):
+    """`aft run` launched on 2 processes: training and sampling use both, init / label / eval run on the main
+    process alone (the other waits for DONE), and the result is the same set of files a single process writes."""
+    import yaml
+
+    config = {"run_dir": str(tmp_path / "run"),
+              "defaults": {"task": TASK, "per_device_train_batch_size": 4, "max_length": 96, "max_new_tokens": 12},
+              "stages": [{"name": "init", "stage": "init", "size": "test", "vocab_size": 300},
+                         {"name": "vft", "stage": "sft", "model": "init", "num_train_epochs": 1},
+                         {"name": "samples", "stage": "sample", "model": "vft", "limit": 6, "k": 2},
+                         {"name": "labeled", "stage": "label", "groups": "samples"},
+                         {"name": "eval_vft", "stage": "eval", "model": "vft", "groups": "labeled"}]}
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(config))
+    out = launch(["run", str(path)], processes=2)
+    for stage in ("init", "labeled", "eval_vft"):  # announced once: only the main process ran it
+        assert out.stdout.count(f"[aft run] {stage} (") == 1, out.stdout
+    assert out.stdout.count("[aft run] vft (") == 2  # both processes train
+    run = tmp_path / "run"
+    assert all((run / s / "DONE").exists() for s in ("init", "vft", "samples", "labeled", "eval_vft"))
+    assert len((run / "labeled" / "groups.jsonl").read_text().splitlines()) == 6
+    assert json.loads((run / "eval_vft" / "eval.json").read_text())["questions"] == 8

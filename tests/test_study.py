@@ -32,11 +32,12 @@ def tiny_study(tmp_path) -> dict:
         "method_defaults": {"stage": "align", "model": "vft", "groups": "labeled", "per_device_train_batch_size": 4},
         "sweep": {"method": "aft", "grid": {"learning_rate": [1e-4, 1e-3]}},
         "methods": [{"name": "vft", "label": "VFT"}, {"name": "more", "stage": "sft", "limit": 8},
-                    {"name": "aft", "label": "AFT", "loss": "aft"}, {"name": "aft_none", "constraint": "none"}],
+                    {"name": "aft", "label": "AFT", "loss": "aft", "constraint": "boundary"}, {"name": "aft_none", "constraint": "none"}],
         "curve": {"methods": ["aft"], "seeds": [0], "stage": {"eval_strategy": "steps", "eval_steps": 1,
                                                               "eval_limit": 4, "eval_groups": "test_labeled"}},
         "ood": {"task": TASK.replace("min_steps=1,max_steps=1", "min_steps=2,max_steps=2"), "methods": ["vft", "aft"]},
         "plots": {"scores": ["vft", "aft"]},
+        "sensitivity": {"field": "constraint", "methods": ["aft", "aft_none"]},
         "claims": [{"text": "AFT beats VFT", "a": "aft", "b": "vft"},
                    {"text": "mixed variant", "a": "aft", "b": "vft", "metric": "accuracy:mixed"}],
     }
@@ -107,6 +108,7 @@ def test_study_end_to_end_resumes_and_reports(tmp_path):
     assert [c["verdict"] for c in summary["claims"]][0] in ("held", "not held", "unclear (seeds disagree)")
     page = (out / "results.md").read_text()
     assert "| AFT |" in page and "AFT beats VFT" in page and "mixed" in page
+    assert "## Sensitivity to constraint" in page and "| none |" in page and "| boundary |" in page
     for name in ("study_accuracy.png", "study_scores.png", "study_training.png"):
         assert (out / "figures" / name).stat().st_size > 0
     # a second run trains nothing (every stage DONE) and --report rewrites the page from disk

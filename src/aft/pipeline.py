@@ -27,6 +27,23 @@ from pathlib import Path
 import yaml
 
 STAGE_OUTPUT = {"sample": "groups.jsonl", "label": "groups.jsonl", "eval": "eval.json"}
+# Under a multi-process launcher (accelerate launch, torchrun) sampling and training use every process; these
+# stages run on the main process alone while the others wait for its DONE file (no two writers of one file).
+MAIN_PROCESS_ONLY = {"init", "label", "eval"}
+
+
+def _rank() -> int:
+    import os
+
+    return int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0")))
+
+
+def _wait_for(done: Path, name: str, poll: float = 0.5, timeout: float = 24 * 3600):
+    start = time.time()
+    while not done.exists():
+        if time.time() - start > timeout:
+            raise RuntimeError(f"stage {name!r}: the main process did not finish it within {timeout:.0f} s")
+        time.sleep(poll)
 
 
 @dataclass
@@ -114,12 +131,18 @@ def run_config(cfg: dict) -> Path:
         if done.exists():
             print(f"[aft run] {spec['name']}: done already, skipped")
             continue
+        if spec["stage"] in MAIN_PROCESS_ONLY and _rank() != 0:
+            _wait_for(done, spec["name"])
+            continue
         print(f"[aft run] {spec['name']} ({spec['stage']}) -> {folder}")
         folder.mkdir(parents=True, exist_ok=True)
         start = time.time()
         fn(config)
         timings[spec["name"]] = round(time.time() - start, 1)
-        done.write_text(json.dumps({"seconds": timings[spec["name"]]}) + "\n")
+        if _rank() == 0:
+            done.write_text(json.dumps({"seconds": timings[spec["name"]]}) + "\n")
+        else:  # a distributed stage: the main process writes DONE once its part (and any merge) is through
+            _wait_for(done, spec["name"])
     return run_dir
 
 

@@ -265,6 +265,16 @@ def write_results(summary: dict, command: str) -> Path:
             cells = [_pct(m["accuracy_by_variant"].get(v)) for v in variants]
             lines.append(f"| {m['label']} | " + " | ".join(cells + ([_pct(m.get("ood_accuracy"))] if with_ood else []))
                          + " |")
+    sens = cfg.get("sensitivity")
+    if sens:
+        key = sens["field"]
+        lines += ["", f"## Sensitivity to {key}", "", f"The same method at several values of `{key}` (test split).", "",
+                  f"| {key} | accuracy | A-accuracy | score + | score - |", "|---|---|---|---|---|"]
+        for name in sens["methods"]:
+            method = next(m for m in cfg["methods"] if m["name"] == name)
+            m = methods[name]
+            lines.append(f"| {_method_spec(cfg, method).get(key)} | {_pct(m['accuracy'])} | "
+                         f"{_pct(m['assessment_accuracy'])} | {_num(m['score_positive'])} | {_num(m['score_negative'])} |")
     if summary["claims"]:
         lines += ["", "## The paper's claims, checked here", "",
                   "Difference = first minus second, in points, mean over seeds (per seed in brackets). Held: the "
@@ -330,6 +340,9 @@ def load_study(path: str) -> dict:
         raise ValueError(f"{path}: method names must be unique")
     if cfg.get("sweep") and cfg["sweep"].get("method") not in names:
         raise ValueError(f"{path}: sweep.method must be one of the methods {names}")
+    for name in (cfg.get("sensitivity") or {}).get("methods", []):
+        if name not in names:
+            raise ValueError(f"{path}: sensitivity lists unknown method {name!r}")
     for claim in cfg.get("claims", []):
         if claim["a"] not in names or claim["b"] not in names:
             raise ValueError(f"{path}: claim {claim['text']!r} compares unknown methods")
