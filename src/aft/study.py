@@ -44,11 +44,12 @@ def _fields_of(stage: str) -> set[str]:
     return {f.name for f in fields(stage_table()[stage][0])}
 
 
-def _method_spec(cfg: dict, method: dict) -> dict:
-    """A method's training stage: its own keys over ``method_defaults`` (those its stage has)."""
+def _method_spec(cfg: dict, method: dict, chosen: dict | None = None) -> dict:
+    """A method's training stage: its own keys over the sweep's chosen values over ``method_defaults``
+    (only the keys its stage has)."""
     stage = method.get("stage", cfg.get("method_defaults", {}).get("stage", "align"))
     names = _fields_of(stage)
-    return {**{k: v for k, v in cfg.get("method_defaults", {}).items() if k in names},
+    return {**{k: v for k, v in {**cfg.get("method_defaults", {}), **(chosen or {})}.items() if k in names},
             **{k: v for k, v in method.items() if k != "label"}, "stage": stage}
 
 
@@ -57,8 +58,7 @@ def method_stages(cfg: dict, method: dict, chosen: dict, seed: int) -> list[dict
     name = method["name"]
     stages = []
     if name not in {s["name"] for s in cfg["base"]}:
-        spec = _method_spec(cfg, method)
-        spec.update({k: v for k, v in chosen.items() if k in _fields_of(spec["stage"]) and k not in method})
+        spec = _method_spec(cfg, method, chosen)
         curve = cfg.get("curve", {})
         if name in curve.get("methods", []) and seed in curve.get("seeds", [seed]):
             spec.update({"eval_task": cfg.get("defaults", {}).get("task"), **curve.get("stage", {})})
@@ -153,6 +153,8 @@ def summarize(cfg: dict, chosen: dict, sweep: list[dict], minutes: float | None 
     vft = {s: _read(run_dir / f"seed{s}" / "vft" / "trainer_state.json") for s in cfg["seeds"]}
     return {"config": cfg, "chosen": chosen, "sweep": sweep, "methods": methods,
             "vft_epochs": {str(s): st.get("epoch") for s, st in vft.items() if st},
+            "vft_validation": {str(s): [h["eval_accuracy"] for h in st.get("log_history", []) if "eval_accuracy" in h]
+                               for s, st in vft.items() if st},
             "claims": [judge(claim, methods) for claim in cfg.get("claims", [])],
             "minutes": None if minutes is None else round(minutes, 1)}
 
@@ -241,8 +243,11 @@ def write_results(summary: dict, command: str) -> Path:
                          + f" | {100 * r['validation_accuracy']:.1f}{mark} |")
         lines.append("")
     if summary.get("vft_epochs"):
-        lines += ["VFT epochs before early stopping stopped it, per seed: "
-                  + ", ".join(f"seed {s}: {e:g}" for s, e in summary["vft_epochs"].items() if e is not None), ""]
+        lines += ["VFT: epochs trained (early stopping on validation accuracy, or the epoch budget) and validation "
+                  "accuracy (%) after each epoch, per seed; the model kept is the best epoch's:", ""]
+        lines += [f"- seed {s}: {e:g} epochs: " + ", ".join(f"{100 * a:.1f}" for a in summary.get("vft_validation", {})
+                                                           .get(s, [])) for s, e in summary["vft_epochs"].items()]
+        lines.append("")
     lines += ["## Test results", "",
               "Accuracy: greedy decoding on the test split, % (mean ± standard deviation over seeds). A-accuracy: share "
               "of (right, wrong) pairs of the VFT model's own test samples that the model orders correctly. "
@@ -273,7 +278,7 @@ def write_results(summary: dict, command: str) -> Path:
         for name in sens["methods"]:
             method = next(m for m in cfg["methods"] if m["name"] == name)
             m = methods[name]
-            lines.append(f"| {_method_spec(cfg, method).get(key)} | {_pct(m['accuracy'])} | "
+            lines.append(f"| {_method_spec(cfg, method, summary['chosen']).get(key)} | {_pct(m['accuracy'])} | "
                          f"{_pct(m['assessment_accuracy'])} | {_num(m['score_positive'])} | {_num(m['score_negative'])} |")
     if summary["claims"]:
         lines += ["", "## The paper's claims, checked here", "",
