@@ -67,3 +67,37 @@ def test_gradients_match_full_softmax(tiny_model, tokenizer):
     sum(logp[len(p) + j - 1, tok] for j, tok in enumerate(c)).backward()
     for n, w in tiny_model.named_parameters():
         torch.testing.assert_close(chunked[n], w.grad, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_fused_head_equals_the_checkpointed_module_path(autocast):
+    """The hand-written backward of the vocabulary projection gives autograd's gradients (fp32: to rounding;
+    bf16 autocast: to bf16 precision), for weighted, chunked rows."""
+    from aft.scoring import _FusedTokenLogprobs, _head_logprobs
+
+    torch.manual_seed(0)
+    head = torch.nn.Linear(16, 50, bias=False)
+    model = type("M", (), {"get_output_embeddings": lambda self: head})()
+    rows, targets = torch.randn(7, 16, requires_grad=True), torch.randint(0, 50, (7,))
+    weights = torch.linspace(-1.0, 2.0, 7)
+    results = []
+    for fused in (True, False):
+        rows.grad, head.weight.grad = None, None
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            out = _head_logprobs(model, rows, targets, chunk_size=3, fused=fused)
+        (out * weights).sum().backward()
+        results.append((out.detach(), rows.grad, head.weight.grad))
+    tol = {"atol": 2e-2, "rtol": 2e-2} if autocast else {"atol": 1e-6, "rtol": 1e-5}
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, **tol)
+    assert results[0][1].abs().sum() > 0 and results[0][2].abs().sum() > 0
+    calls = []
+    original = _FusedTokenLogprobs.apply
+    _FusedTokenLogprobs.apply = lambda *a: calls.append(1) or original(*a)
+    try:
+        _head_logprobs(model, rows, targets, chunk_size=3)
+        head.bias = torch.nn.Parameter(torch.zeros(50))  # a head with a bias goes through the module
+        _head_logprobs(model, rows, targets, chunk_size=3)
+    finally:
+        _FusedTokenLogprobs.apply = original
+    assert len(calls) == 3  # 7 rows in chunks of 3, fused only for the bias-free head
