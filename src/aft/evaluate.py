@@ -146,10 +146,10 @@ def evaluate(config: EvalConfig) -> dict:
     task, examples = config.load_examples()
     tokenizer = load_tokenizer(config.tokenizer or config.model, config.trust_remote_code)
     model = load_model(config.model, config.model_dtype, config.trust_remote_code).eval()
-    prompts = [task.format_prompt(e) for e in examples]
     accuracy, records = task_accuracy(model, tokenizer, task, examples, config.max_new_tokens, config.batch_size)
     metrics = {"model": config.model, "task": config.task, "split": config.split, **accuracy}
     if config.vote_samples > 0:
+        prompts = [task.format_prompt(e) for e in examples]
         votes = generate_all(model, tokenizer, prompts, k=config.vote_samples, temperature=config.vote_temperature,
                              max_new_tokens=config.max_new_tokens, batch_size=max(1, config.batch_size //
                                                                                   config.vote_samples),

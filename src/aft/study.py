@@ -138,17 +138,24 @@ def summarize(cfg: dict, chosen: dict, sweep: list[dict], minutes: float | None 
     methods = {}
     for method in cfg["methods"]:
         name = method["name"]
-        per_seed = {s: _read(run_dir / f"seed{s}" / f"eval_{name}" / "eval.json") for s in cfg["seeds"]}
-        ood = {s: _read(run_dir / f"seed{s}" / f"ood_{name}" / "eval.json") for s in cfg["seeds"]}
-        entry = {"label": method.get("label", name), "seeds": [s for s, m in per_seed.items() if m]}
+        evals = {s: _read(run_dir / f"seed{s}" / f"eval_{name}" / "eval.json") for s in cfg["seeds"]}
+        oods = {s: _read(run_dir / f"seed{s}" / f"ood_{name}" / "eval.json") for s in cfg["seeds"]}
+        # every per-seed value under its seed, so claims pair seeds even when a stage is missing for one
+        per_seed = {}
+        for s, m in evals.items():
+            if m:
+                per_seed[str(s)] = {**{k: m.get(k) for k in METRICS},
+                                    **{f"accuracy:{v}": a for v, a in m.get("accuracy_by_variant", {}).items()}}
+                if oods[s]:
+                    per_seed[str(s)]["ood_accuracy"] = oods[s]["accuracy"]
+        entry = {"label": method.get("label", name), "seeds": [int(s) for s in per_seed]}
         for metric in METRICS:
-            entry[metric] = spread([m.get(metric) for m in per_seed.values() if m])
-        variants = sorted({v for m in per_seed.values() if m for v in m.get("accuracy_by_variant", {})})
-        entry["accuracy_by_variant"] = {v: spread([m["accuracy_by_variant"].get(v) for m in per_seed.values()
-                                                   if m and "accuracy_by_variant" in m]) for v in variants}
-        if any(ood.values()):
-            entry["ood_accuracy"] = spread([m["accuracy"] for m in ood.values() if m])
-        entry["per_seed"] = {str(s): {k: m.get(k) for k in METRICS} for s, m in per_seed.items() if m}
+            entry[metric] = spread([m.get(metric) for m in per_seed.values()])
+        variants = sorted({k.split(":", 1)[1] for m in per_seed.values() for k in m if k.startswith("accuracy:")})
+        entry["accuracy_by_variant"] = {v: spread([m.get(f"accuracy:{v}") for m in per_seed.values()]) for v in variants}
+        if any("ood_accuracy" in m for m in per_seed.values()):
+            entry["ood_accuracy"] = spread([m.get("ood_accuracy") for m in per_seed.values()])
+        entry["per_seed"] = per_seed
         methods[name] = entry
     vft = {s: _read(run_dir / f"seed{s}" / "vft" / "trainer_state.json") for s in cfg["seeds"]}
     return {"config": cfg, "chosen": chosen, "sweep": sweep, "methods": methods,
@@ -162,14 +169,8 @@ def summarize(cfg: dict, chosen: dict, sweep: list[dict], minutes: float | None 
 def _paired(methods: dict, a: str, b: str, metric: str) -> list[float]:
     """Per-seed differences a - b of one metric (``ood_accuracy`` and ``accuracy:VARIANT`` allowed)."""
     def per_seed(name):
-        entry = methods.get(name, {})
-        if metric == "ood_accuracy":
-            values = entry.get("ood_accuracy", {}).get("values", [])
-            return dict(zip(entry.get("seeds", []), values))
-        if metric.startswith("accuracy:"):
-            values = entry.get("accuracy_by_variant", {}).get(metric.split(":", 1)[1], {}).get("values", [])
-            return dict(zip(entry.get("seeds", []), values))
-        return {int(s): m[metric] for s, m in entry.get("per_seed", {}).items() if m.get(metric) is not None}
+        return {int(s): m[metric] for s, m in methods.get(name, {}).get("per_seed", {}).items()
+                if m.get(metric) is not None}
 
     x, y = per_seed(a), per_seed(b)
     return [x[s] - y[s] for s in sorted(set(x) & set(y))]

@@ -28,6 +28,11 @@ ALIGN_LOSSES = ("aft", "rft", "rrhf", "pro", "dpo")
 NLL_ON = ("reference", "positives", "both", "none")
 
 
+def _evaluates(config) -> bool:
+    """Whether the Trainer evaluates while training (eval_strategy is a string before __post_init__, an enum after)."""
+    return str(getattr(config.eval_strategy, "value", config.eval_strategy)) != "no"
+
+
 @dataclass
 class StageDefaults(TrainingArguments):
     """Trainer defaults that suit this project (still overridable by flag or YAML)."""
@@ -57,7 +62,7 @@ class StageDefaults(TrainingArguments):
 
     def __post_init__(self):
         if self.early_stopping_patience is not None:
-            if str(getattr(self.eval_strategy, "value", self.eval_strategy)) == "no":
+            if not _evaluates(self):
                 raise ValueError("early_stopping_patience needs eval_strategy 'epoch' or 'steps'")
             self.load_best_model_at_end, self.metric_for_best_model, self.greater_is_better = True, "accuracy", True
             self.save_strategy = self.eval_strategy
@@ -148,7 +153,7 @@ def held_out(config, default_task: str | None = None):
     """(task, examples, groups) that training evaluates on, or None when evaluation is off."""
     from aft.tasks import load_task
 
-    if str(getattr(config.eval_strategy, "value", config.eval_strategy)) == "no":
+    if not _evaluates(config):
         return None
     spec = config.eval_task or default_task
     if not spec:
