@@ -100,17 +100,6 @@ def matmul_rate(dtype, n: int = 2048, repeats: int = 10):
     return 2 * n**3 / seconds / 1e9
 
 
-def align_step_flops(k=common.K, prompt=100, completion=120, vocab=8192, shared=True):
-    """Model FLOPs of one AFT step (forward + backward = 3x forward; the checkpointed vocabulary projection
-    is computed twice forward, so 4x), attention's score/value products included."""
-    h, f, layers = common.HIDDEN, common.HIDDEN * 8 // 3, common.LAYERS
-    per_token = 2 * layers * (4 * h * h + 3 * h * f)
-    tokens = prompt + k * completion if shared else k * (prompt + completion)
-    attention = 2 * 2 * layers * h * k * (prompt + completion) ** 2 / 2  # causal: about half the square
-    head = 2 * h * vocab * k * completion
-    return 3 * (per_token * tokens + attention) + 4 * head
-
-
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--groups", type=int, default=4, help="groups (= optimizer steps) per configuration")
@@ -131,7 +120,7 @@ def main():
     common.print_table("Align step per group (k=8, 100+120 tokens, fp32)",
                        ["configuration", "s/group", "peak RSS MB", "tokens/s", "x AFT time"], rows)
     fp32, bf16 = matmul_rate(torch.float32), matmul_rate(torch.bfloat16)
-    flops = align_step_flops()
+    flops = common.step_flops()
     share = flops / base["s_per_group"] / 1e9 / fp32
     common.print_table("Matrix multiply (2048^3)", ["dtype", "GFLOP/s"], [["fp32", f"{fp32:.1f}"], ["bf16", f"{bf16:.1f}"]])
     print(f"AFT step: {flops / 1e9:.1f} GFLOP model FLOPs -> {flops / base['s_per_group'] / 1e9:.1f} GFLOP/s, "

@@ -6,7 +6,7 @@ and backward, with and without prefix sharing and vocabulary chunking, at 8k, 49
 Rows:
 - naive: ``model(ids).logits`` then a float32 ``log_softmax`` over every position (what most code does);
 - one chunk: ``aft.scoring`` with ``chunk_size`` above the row count (completion rows only, not chunked);
-- chunked: ``aft.scoring`` (default chunk: 2^24 logits, e.g. 110 rows at 150k; each chunk checkpointed);
+- chunked: ``aft.scoring`` (default chunk: 2^24 logits, e.g. 110 rows at 150k; recomputed in the backward);
 - chunked + shared: the same with prefix sharing (each prompt once: 100 + 8*120 decoder tokens, not 8*220).
 Prefix sharing's ideal saving is the decoder tokens saved, 1 - 1060/1760 = 39.8%; the vocabulary projection
 runs on the 960 completion rows either way, so it cannot shrink.
@@ -33,12 +33,8 @@ IDEAL_SAVING = 1 - (100 + common.K * 120) / (common.K * 220)
 
 
 def flop_ideal_saving(vocab: int) -> float:
-    """The time saving if time were proportional to model FLOPs: decoder (x3 for forward + backward) over
-    1760 or 1060 tokens, plus the vocabulary projection (x4: checkpointed) over the same 960 rows in both."""
-    h, f = common.HIDDEN, common.HIDDEN * 8 // 3
-    decoder = 3 * 2 * common.LAYERS * (4 * h * h + 3 * h * f)
-    head = 4 * 2 * h * vocab * common.K * 120
-    return 1 - (decoder * (100 + common.K * 120) + head) / (decoder * common.K * 220 + head)
+    """The time saving if time were proportional to model FLOPs (the projection's rows are the same in both)."""
+    return 1 - common.step_flops(vocab, shared=True) / common.step_flops(vocab, shared=False)
 
 
 def make_step(vocab: int, mode: str, model=None):

@@ -40,6 +40,24 @@ def model(tok, vocab: int = 8192, seed: int = 0):
     return LlamaForCausalLM(config)
 
 
+def step_flops(vocab: int = 8192, shared: bool = True, k: int = K, prompt: int = 100, completion: int = 120):
+    """Model FLOPs of scoring one group forward + backward (3x the forward), attention's score and value
+    products included. The vocabulary projection runs on the k x completion rows only; it is 3x as well when
+    they fit in one chunk (the softmax is kept for the backward) and 4x when chunked (recomputed)."""
+    from aft.scoring import CHUNK_ELEMENTS
+
+    h, f = HIDDEN, HIDDEN * 8 // 3
+    per_token = 2 * LAYERS * (4 * h * h + 3 * h * f)
+    rows = k * completion
+    if shared:   # the prompt once (causal: half the square), each completion attends its prompt and itself
+        tokens, attended = prompt + rows, prompt**2 / 2 + k * (completion * prompt + completion**2 / 2)
+    else:
+        tokens, attended = k * (prompt + completion), k * (prompt + completion) ** 2 / 2
+    attention = 2 * 2 * LAYERS * h * attended
+    head_passes = 3 if rows * vocab <= CHUNK_ELEMENTS else 4
+    return 3 * (per_token * tokens + attention) + head_passes * 2 * h * vocab * rows
+
+
 def digits(rng, n):
     return "".join(rng.choice("0123456789") for _ in range(n))
 

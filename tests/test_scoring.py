@@ -100,4 +100,36 @@ def test_fused_head_equals_the_checkpointed_module_path(autocast):
         _head_logprobs(model, rows, targets, chunk_size=3)
     finally:
         _FusedTokenLogprobs.apply = original
-    assert len(calls) == 3  # 7 rows in chunks of 3, fused only for the bias-free head
+    assert len(calls) == 1  # one call does all chunks; a head with a bias is not fused
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_fused_head_gives_the_same_result_in_one_chunk_or_many(autocast):
+    """All rows in one chunk keeps the softmax for the backward instead of recomputing it; many chunks add
+    their weight gradients into one buffer. Both give the same values and gradients, and a frozen head gets
+    no gradient while its rows still do."""
+    from aft.scoring import _FusedTokenLogprobs
+
+    torch.manual_seed(1)
+    weight = torch.randn(50, 16, requires_grad=True)
+    rows, targets = torch.randn(7, 16, requires_grad=True), torch.randint(0, 50, (7,))
+    weights = torch.linspace(-1.0, 2.0, 7)
+    results = []
+    for chunk in (7, 2, 100):
+        rows.grad, weight.grad = None, None
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            out = _FusedTokenLogprobs.apply(rows, weight, targets, chunk)
+        (out * weights).sum().backward()
+        results.append((out.detach(), rows.grad, weight.grad))
+    expected = torch.log_softmax(rows.detach() @ weight.detach().T, -1).gather(-1, targets[:, None]).squeeze(-1)
+    tol = {"atol": 3e-2, "rtol": 2e-2} if autocast else {"atol": 1e-6, "rtol": 1e-5}
+    torch.testing.assert_close(results[0][0], expected, **tol)
+    for other in results[1:]:
+        for a, b in zip(results[0], other):
+            torch.testing.assert_close(a, b, **tol)  # bf16: chunks round their partial sums separately
+    frozen = weight.detach()
+    rows.grad = None
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        out = _FusedTokenLogprobs.apply(rows, frozen, targets, 3)
+    (out * weights).sum().backward()
+    torch.testing.assert_close(rows.grad, results[0][1], **tol)

@@ -65,37 +65,68 @@ CHUNK_ELEMENTS = 2**24  # default chunk: 64 MB of float32 logits (about 110 rows
 
 
 class _FusedTokenLogprobs(torch.autograd.Function):
-    """``log_softmax(hidden @ W.T)[target]`` with a hand-written backward that keeps nothing of size vocab.
+    """``log_softmax(hidden @ W.T)[target]`` over all rows, ``chunk_size`` rows at a time, with a hand-written
+    backward that never holds more than one chunk of vocabulary-sized values.
 
-    Forward saves only the rows, the targets and each row's log-sum-exp; backward recomputes the logits once
-    and turns them into the gradient in place: ``dlogits = grad * (onehot(target) - softmax)``, then the two
-    matrix products. Autograd through checkpointing would recompute the logits too, but then make several
-    more vocab-sized passes (log-sum-exp again, its backward, the gather's zero-filled backward, their sum):
-    20-30% of the head's time on CPU (measured at 8k and 49k vocabularies). The autocast state of the
-    forward is re-entered in the backward, so bf16 runs compute the same products in the same precision.
+    Forward keeps each row's log-sum-exp; backward recomputes a chunk's logits and turns them into the
+    gradient in place, ``dlogits = grad * (onehot(target) - softmax)``, then the two matrix products.
+    Why by hand: autograd through checkpointing recomputes the logits too, but then makes several more
+    vocab-sized passes (log-sum-exp again, its backward, the gather's zero-filled backward) and returns a
+    whole vocab x hidden weight gradient per chunk for autograd to add up: at a 150k vocabulary that is
+    154 MB allocated and summed per 110-row chunk. Here the chunks add into one buffer (``addmm_``). When
+    all rows fit in one chunk, the softmax itself is kept for the backward instead of recomputed (one matrix
+    product fewer; it is no more memory than the chunk already takes). The autocast dtype of the forward is
+    applied explicitly to both passes, so bf16 runs compute the products in bf16, accumulating in float32.
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, targets):
+    def forward(ctx, hidden, weight, targets, chunk_size: int):
         device = hidden.device.type
-        ctx.autocast = (torch.is_autocast_enabled(device), torch.get_autocast_dtype(device), device)
-        logits = (hidden @ weight.T).float()
-        lse = torch.logsumexp(logits, dim=-1)
-        ctx.save_for_backward(hidden, weight, targets, lse)
-        return logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - lse
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype
+        with torch.autocast(device, enabled=False):
+            h, w = hidden.to(dtype), weight.to(dtype)
+            n = h.shape[0]
+            out = torch.empty(n, dtype=torch.float32, device=hidden.device)
+            lse = torch.empty(n, dtype=torch.float32, device=hidden.device)
+            kept = None
+            for s in range(0, n, chunk_size):
+                logits = (h[s:s + chunk_size] @ w.T).float()
+                lse[s:s + chunk_size] = torch.logsumexp(logits, dim=-1)
+                out[s:s + chunk_size] = logits.gather(-1, targets[s:s + chunk_size].unsqueeze(-1)).squeeze(-1)
+                if n <= chunk_size:
+                    kept = logits.sub_(lse.unsqueeze(-1)).exp_()    # the softmax, for the backward
+        ctx.dtype, ctx.chunk_size = dtype, chunk_size
+        ctx.save_for_backward(hidden, weight, targets, lse, kept)
+        return out - lse
 
     @staticmethod
     def backward(ctx, grad):
-        hidden, weight, targets, lse = ctx.saved_tensors
-        enabled, dtype, device = ctx.autocast
-        with torch.autocast(device, dtype=dtype, enabled=enabled):
-            dlogits = (hidden @ weight.T).float()
-            dlogits.sub_(lse.unsqueeze(-1)).exp_().mul_(-grad.unsqueeze(-1))       # -grad * softmax
-            dlogits.scatter_add_(1, targets.unsqueeze(-1), grad.unsqueeze(-1))   # +grad at the target
-            dlogits = dlogits.to(torch.get_autocast_dtype(device) if enabled else hidden.dtype)
-            grad_hidden = dlogits @ weight
-            grad_weight = dlogits.T @ hidden
-        return grad_hidden.to(hidden.dtype), grad_weight.to(weight.dtype), None
+        hidden, weight, targets, lse, kept = ctx.saved_tensors
+        dtype, chunk = ctx.dtype, ctx.chunk_size
+        need_hidden, need_weight = ctx.needs_input_grad[:2]
+        grad_hidden = torch.empty_like(hidden) if need_hidden else None
+        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if need_weight else None
+        with torch.autocast(hidden.device.type, enabled=False):
+            h, w = hidden.to(dtype), weight.to(dtype)
+            for s in range(0, h.shape[0], chunk):
+                g, t = grad[s:s + chunk].unsqueeze(-1), targets[s:s + chunk].unsqueeze(-1)
+                if kept is not None:
+                    dlogits = kept * -g                                           # -grad * softmax
+                else:
+                    dlogits = (h[s:s + chunk] @ w.T).float()
+                    dlogits.sub_(lse[s:s + chunk].unsqueeze(-1)).exp_().mul_(-g)
+                dlogits.scatter_add_(1, t, g)                                     # +grad at the target
+                dlogits = dlogits.to(dtype)
+                if need_hidden:
+                    grad_hidden[s:s + chunk] = dlogits @ w
+                if need_weight:
+                    if dtype == torch.float32:
+                        grad_weight.addmm_(dlogits.T, h[s:s + chunk])
+                    else:
+                        grad_weight += dlogits.T @ h[s:s + chunk]
+        if need_weight:
+            grad_weight = grad_weight.to(weight.dtype)
+        return grad_hidden, grad_weight, None, None
 
 
 def _fusable(head) -> bool:
@@ -114,12 +145,12 @@ def _head_logprobs(model, rows, targets, chunk_size, fused: bool = True):
         chunk_size = max(1, CHUNK_ELEMENTS // head.weight.shape[0])
     grad = torch.is_grad_enabled() and (rows.requires_grad or head.weight.requires_grad)
     fused = fused and grad and _fusable(head)
+    if fused:
+        return _FusedTokenLogprobs.apply(rows, head.weight, targets, chunk_size)
     pieces = []
     for start in range(0, rows.shape[0], chunk_size):
         h, t = rows[start:start + chunk_size], targets[start:start + chunk_size]
-        if fused:
-            pieces.append(_FusedTokenLogprobs.apply(h, head.weight, t))
-        elif grad:
+        if grad:
             pieces.append(checkpoint(_token_logprobs, h, t, head, use_reentrant=False))
         else:
             pieces.append(_token_logprobs(h, t, head))
@@ -176,6 +207,19 @@ def _split(ids, attention, completion):
     return prompt_part, comp_part
 
 
+def _gather_cache(cache, slot):
+    """One cache entry per candidate. ``index_select`` where the layers are plain ``DynamicLayer``s: its
+    backward is an ``index_add`` (the plain indexing of ``batch_select_indices`` back-propagates through an
+    accumulating ``index_put``, 3-4% of a whole scoring step on CPU); other cache layouts use the method."""
+    from transformers.cache_utils import DynamicLayer
+
+    if all(type(layer) is DynamicLayer for layer in cache.layers):
+        for layer in cache.layers:
+            layer.keys, layer.values = layer.keys.index_select(0, slot), layer.values.index_select(0, slot)
+    else:
+        cache.batch_select_indices(slot)
+
+
 def shared_prefix_logprobs(model, input_ids, attention_mask, completion_mask, group_index, chunk_size=None):
     """``completion_logprobs`` with each group's prompt run once (same inputs, same result).
 
@@ -212,7 +256,7 @@ def shared_prefix_logprobs(model, input_ids, attention_mask, completion_mask, gr
     c_width = max(1, int(c_len.max()))
     comp_ids = torch.tensor([c + [pad] * (c_width - len(c)) for c in completions], device=device)
     comp_mask = torch.arange(c_width, device=device) < c_len.unsqueeze(1)
-    cache.batch_select_indices(slot)
+    _gather_cache(cache, slot)
     hidden = base.base_model(input_ids=comp_ids, attention_mask=torch.cat([prompt_mask[slot], comp_mask.long()], 1),
                              position_ids=p_len[slot].unsqueeze(1) + torch.arange(c_width, device=device),
                              cache=cache, use_cache=True).last_hidden_state
