@@ -70,3 +70,43 @@ def test_training_run_is_the_same(tiny_model, tokenizer, tmp_path):
     for name in a:
         torch.testing.assert_close(b[name], a[name], atol=1e-6, rtol=1e-4, msg=name)
     assert any(not torch.equal(a[n], tiny_model.state_dict()[n]) for n in a)  # it trained
+
+
+@pytest.mark.parametrize("micro", [None, 4])
+def test_prefix_sharing_runs_under_the_trainers_mixed_precision(tiny_model, tokenizer, tmp_path, micro):
+    """The shared path calls the decoder stack past the model's forward (where accelerate puts autocast);
+    the trainer enters autocast itself, so with bf16=True the decoder's products are bf16 there too."""
+    args = AlignConfig(output_dir=str(tmp_path), loss="aft", constraint="boundary", bf16=True, use_cpu=True,
+                       prefix_sharing=True, candidate_micro_batch=micro, report_to=[])
+    trainer = AlignTrainer(model=tiny_model, args=args)
+    tiny_model.train()
+    seen = []
+    hook = tiny_model.model.layers[0].mlp.register_forward_hook(lambda m, i, out: seen.append(out.dtype))
+    try:
+        gradients(trainer, tiny_model, GroupCollator(tokenizer.pad_token_id, "both")(features(tokenizer)))
+    finally:
+        hook.remove()
+    assert seen and set(seen) == {torch.bfloat16}
+
+
+def test_prefix_sharing_is_on_by_default_where_it_can_run(tiny_model, tokenizer, tmp_path, monkeypatch):
+    """Unset, prefix sharing runs on a bare model and is skipped when a wrapper (DDP, DataParallel: what a
+    multi-process or multi-device run hands compute_loss) holds it; set, it is what the user said."""
+    import aft.scoring
+
+    calls = []
+    shared = aft.scoring.shared_prefix_logprobs
+    monkeypatch.setattr(aft.scoring, "shared_prefix_logprobs", lambda *a, **k: calls.append(1) or shared(*a, **k))
+    batch = GroupCollator(tokenizer.pad_token_id, "both")(features(tokenizer))
+    wrapped = torch.nn.DataParallel(tiny_model)  # on CPU it just calls the module
+
+    def used(model, **kw):
+        calls.clear()
+        trainer = AlignTrainer(model=tiny_model, args=AlignConfig(output_dir=str(tmp_path), report_to=[], **kw))
+        trainer.compute_loss(model, batch)
+        return bool(calls)
+
+    assert used(tiny_model) and not used(tiny_model, prefix_sharing=False)
+    assert not used(wrapped)
+    with pytest.raises(ValueError, match="one process only"):
+        used(wrapped, prefix_sharing=True)

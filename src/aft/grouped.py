@@ -33,17 +33,20 @@ def _rows(inputs, index):
 
 
 def micro_batched_backward(model, inputs, objective, micro_batch: int, scale: float = 1.0,
-                           backward=None, no_sync=None, chunk_size: int | None = None, prefix_sharing: bool = False):
+                           backward=None, no_sync=None, chunk_size: int | None = None, prefix_sharing: bool = False,
+                           autocast=None):
     """Back-propagate ``scale * objective(sums, counts)[0]`` through ``model`` in micro-batches of sequences.
 
     ``inputs`` is a ``GroupCollator`` batch. Returns what ``objective`` returned on the graph-free scores
     (its loss detached). The gradients are accumulated into the parameters' ``.grad``, as ``backward()``
-    on the one-pass loss would.
+    on the one-pass loss would. ``autocast`` (a context-manager factory, e.g. ``accelerator.autocast``) is
+    entered around each forward, not around the backward passes.
     """
     backward = backward or (lambda t: t.backward())
     no_sync = no_sync or contextlib.nullcontext
+    autocast = autocast or contextlib.nullcontext
     groups = inputs["group_index"] if prefix_sharing else None
-    with torch.no_grad():
+    with torch.no_grad(), autocast():
         sums, counts = completion_logprobs(model, inputs["input_ids"], inputs["attention_mask"],
                                            inputs["completion_mask"], chunk_size, group_index=groups)
     leaf = sums.detach().requires_grad_()
@@ -60,9 +63,10 @@ def micro_batched_backward(model, inputs, objective, micro_batch: int, scale: fl
             continue  # e.g. a negative under "detach" with no NLL: it gets no gradient at all
         part = _rows(inputs, index)
         with no_sync() if i < len(starts) - 1 else contextlib.nullcontext():
-            mb_sums, _ = completion_logprobs(model, part["input_ids"], part["attention_mask"],
-                                             part["completion_mask"], chunk_size,
-                                             group_index=part["group_index"] if prefix_sharing else None)
+            with autocast():
+                mb_sums, _ = completion_logprobs(model, part["input_ids"], part["attention_mask"],
+                                                 part["completion_mask"], chunk_size,
+                                                 group_index=part["group_index"] if prefix_sharing else None)
             backward(scale * (weights[index] * mb_sums).sum())
     if isinstance(out, tuple):
         return (loss.detach(),) + tuple(out[1:])

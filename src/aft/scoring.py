@@ -183,10 +183,15 @@ def completion_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Te
     return sums, targets_mask.sum(dim=1)
 
 
+def is_wrapped(model) -> bool:
+    """Whether a DDP / DataParallel / DeepSpeed / FSDP-style wrapper holds the model (as ``.module``)."""
+    return isinstance(getattr(model, "module", None), torch.nn.Module)
+
+
 def _can_share(model) -> bool:
     """Prefix sharing runs the decoder stack directly, past any wrapper's forward: under DDP / FSDP /
     DeepSpeed that would skip gradient syncing and shard gathering, so it is refused there."""
-    if isinstance(getattr(model, "module", None), torch.nn.Module):
+    if is_wrapped(model):
         raise ValueError("prefix_sharing works on one process only (no DDP / FSDP / DeepSpeed wrapper); "
                          "turn it off for multi-process training")
     base = unwrap(model)
