@@ -8,7 +8,8 @@ Every row trains the same small Llama (4 layers, hidden 256, 8k vocabulary, fp32
 group per optimizer step; the time is the median step after a warm-up step, per group. TRL's DPO gets the
 same preference information as every (right, wrong) pair of a group (16 pairs, one step) with its frozen
 reference model, and, separately, one pair per group. The SFT row is a plain NLL step on the group's 8
-(prompt, completion) sequences, so "tokens" are the same 8 x 220 for SFT and AFT.
+(prompt, completion) sequences, so "tokens" are the same 8 x 220 for SFT and AFT. The last two rows repeat
+AFT and one-pair DPO under bf16 autocast (``bf16=True``), which pays on CPUs with AMX / AVX512-BF16.
 """
 
 from __future__ import annotations
@@ -65,7 +66,7 @@ def run(kind: str, n_groups: int, option=None):
         if kind == "aft":
             args = AlignConfig(output_dir=out, loss="aft", constraint="boundary", nll_on="positives",
                                per_device_train_batch_size=1, max_steps=n_groups, report_to=[], logging_steps=1000,
-                               prefix_sharing=option != "unshared",
+                               prefix_sharing=option != "unshared", bf16=option == "bf16", use_cpu=True,
                                candidate_micro_batch=2 if option == "micro" else None)
             trainer = AlignTrainer(model=model, args=args, train_dataset=feats,
                                    data_collator=GroupCollator(tok.pad_token_id, "positives"))
@@ -88,7 +89,7 @@ def run(kind: str, n_groups: int, option=None):
             pairs.append({"prompt": g["prompt"], "chosen": r, "rejected": w})
     per_step = len(pairs) // n_groups
     args = trl.DPOConfig(output_dir=out, per_device_train_batch_size=per_step, max_steps=n_groups, report_to=[],
-                         bf16=False, use_cpu=True, logging_steps=1000, save_strategy="no", max_length=1024)
+                         bf16=option == "bf16", use_cpu=True, logging_steps=1000, save_strategy="no", max_length=1024)
     trainer = trl.DPOTrainer(model=model, ref_model=copy.deepcopy(model), args=args,
                              train_dataset=Dataset.from_list(pairs), processing_class=tok)
     return (*_train(trainer, n_groups), 1)
@@ -107,7 +108,8 @@ def main():
     n = a.groups
     configs = [("AFT (prefix sharing)", "aft", None), ("AFT (no prefix sharing)", "aft", "unshared"),
                ("AFT (candidate_micro_batch=2)", "aft", "micro"), ("TRL DPO, all 16 pairs", "dpo_all", None),
-               ("TRL DPO, 1 pair", "dpo_one", None), ("plain SFT (same 8 seqs)", "sft", None)]
+               ("TRL DPO, 1 pair", "dpo_one", None), ("plain SFT (same 8 seqs)", "sft", None),
+               ("AFT (prefix sharing), bf16 autocast", "aft", "bf16"), ("TRL DPO, 1 pair, bf16", "dpo_one", "bf16")]
     results = {}
     for name, kind, option in configs:
         step, peak, _ = common.in_fresh_process(run, kind, max(n, 3) if kind == "dpo_all" else n, option)
@@ -117,7 +119,7 @@ def main():
     base = results["AFT (prefix sharing)"]
     rows = [[name, f"{r['s_per_group']:.3f}", f"{r['peak_rss_mb']:.0f}", f"{tokens / r['s_per_group']:.0f}",
              f"{r['s_per_group'] / base['s_per_group']:.2f}"] for name, r in results.items()]
-    common.print_table("Align step per group (k=8, 100+120 tokens, fp32)",
+    common.print_table("Align step per group (k=8, 100+120 tokens; fp32 unless marked bf16)",
                        ["configuration", "s/group", "peak RSS MB", "tokens/s", "x AFT time"], rows)
     fp32, bf16 = matmul_rate(torch.float32), matmul_rate(torch.bfloat16)
     flops = common.step_flops()
@@ -128,6 +130,8 @@ def main():
     summary = {
         "speedup_vs_dpo_all_pairs": results["TRL DPO, all 16 pairs"]["s_per_group"] / base["s_per_group"],
         "speedup_vs_dpo_one_pair": results["TRL DPO, 1 pair"]["s_per_group"] / base["s_per_group"],
+        "speedup_vs_dpo_one_pair_bf16": (results["TRL DPO, 1 pair, bf16"]["s_per_group"]
+                                         / results["AFT (prefix sharing), bf16 autocast"]["s_per_group"]),
         "memory_ratio_vs_dpo_all_pairs": base["peak_rss_mb"] / results["TRL DPO, all 16 pairs"]["peak_rss_mb"],
         "aft_over_sft_tokens_per_s": results["plain SFT (same 8 seqs)"]["s_per_group"] / base["s_per_group"],
         "matmul_gflops": {"fp32": fp32, "bf16": bf16}, "align_step_gflop": flops / 1e9, "align_share_of_fp32": share,

@@ -23,7 +23,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from aft.tiny import build_tokenizer
 
-K, RIGHT, PROMPT_DIGITS, COMPLETION_DIGITS = 8, 4, 99, 119
+K, PROMPT_DIGITS, COMPLETION_DIGITS = 8, 99, 119
 HIDDEN, LAYERS, HEADS = 256, 4, 4
 
 
@@ -62,12 +62,12 @@ def digits(rng, n):
     return "".join(rng.choice("0123456789") for _ in range(n))
 
 
-def groups(n: int, seed: int = 0):
-    """n labelled groups: k = 8 completions, 4 right (label 1) and 4 wrong (label 0)."""
+def groups(n: int, seed: int = 0, k: int = K):
+    """n labelled groups of k completions (default 8), half right (label 1) and half wrong (label 0)."""
     rng = random.Random(seed)
     return [{"id": f"q{i}", "prompt": digits(rng, PROMPT_DIGITS),
-             "completions": [digits(rng, COMPLETION_DIGITS) for _ in range(K)],
-             "labels": [1.0] * RIGHT + [0.0] * (K - RIGHT)} for i in range(n)]
+             "completions": [digits(rng, COMPLETION_DIGITS) for _ in range(k)],
+             "labels": [1.0] * (k // 2) + [0.0] * (k - k // 2)} for i in range(n)]
 
 
 class PeakRSS:
