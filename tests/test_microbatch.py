@@ -110,3 +110,20 @@ def test_prefix_sharing_is_on_by_default_where_it_can_run(tiny_model, tokenizer,
     assert not used(wrapped)
     with pytest.raises(ValueError, match="one process only"):
         used(wrapped, prefix_sharing=True)
+
+
+def test_no_pass_of_a_micro_batched_step_sees_more_than_n_sequences(tiny_model, tokenizer, tmp_path, monkeypatch):
+    """What keeps memory flat in k: the graph-free scoring pass and the graph passes alike take at most
+    candidate_micro_batch sequences at a time (8 sequences, N = 3: 3 + 3 + 2, twice)."""
+    import aft.grouped
+
+    sizes = []
+    score = aft.grouped.completion_logprobs
+    monkeypatch.setattr(aft.grouped, "completion_logprobs",
+                        lambda model, ids, *a, **k: sizes.append(ids.shape[0]) or score(model, ids, *a, **k))
+    args = AlignConfig(output_dir=str(tmp_path), loss="aft", constraint="none", nll_on="both",
+                       candidate_micro_batch=3, report_to=[])
+    tiny_model.train()
+    gradients(AlignTrainer(model=tiny_model, args=args), tiny_model,
+              GroupCollator(tokenizer.pad_token_id, "both")(features(tokenizer)))
+    assert sizes == [3, 3, 2, 3, 3, 2]
