@@ -14,8 +14,9 @@ run once per group with the KV cache on, the cache is gathered once per candidat
 differentiable), and only the completion tokens run again, attending to it. That is P + k*C tokens through
 the decoder instead of k*(P + C). Gradients flow through the shared cache into the prompt's computation, so
 scores and gradients equal the unshared ones. Transformers drops the cache under gradient checkpointing, so
-there the plain path is used. It calls the decoder stack itself, so it does not go through accelerate's
-autocast (the weights' own dtype applies) nor through multi-process wrappers (refused there).
+there the plain path is used. It calls the decoder stack itself, past the model's forward: accelerate's
+autocast, which wraps that forward, must be entered by the caller (``AlignTrainer`` does), and multi-process
+wrappers are refused (``AlignTrainer`` turns sharing off by default where one holds the model).
 """
 
 from __future__ import annotations
