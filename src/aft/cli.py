@@ -60,7 +60,25 @@ commands:
 
 
 def main(argv=None):
-    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        return _dispatch(list(sys.argv[1:] if argv is None else argv))
+    finally:
+        _close_distributed()
+
+
+def _close_distributed():
+    """Destroy the process group a launcher started once the command is done on this rank (every stage ends
+    with all ranks waiting for each other). Left to interpreter teardown, gloo's threads can abort a rank
+    that has finished its work ("terminate called without an active exception"), failing the launch."""
+    if "torch.distributed" not in sys.modules:
+        return
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def _dispatch(argv):
     stages = _stages()
     if not argv or argv[0] in ("-h", "--help"):
         print(USAGE.format(stages="\n".join(f"  {n:<8} {d}" for n, (_, _, d) in stages.items())))
