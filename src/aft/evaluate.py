@@ -105,25 +105,38 @@ def assessment_accuracy(groups, scores) -> dict:
             "score_positive": mean(pos), "score_negative": mean(neg)}
 
 
+def answer_metrics(task, texts, examples):
+    """Accuracy with answers read two ways, as lm-evaluation-harness reports GSM8K: ``accuracy_strict`` (only
+    the task's own format, ``#### 18`` / "The answer is B") and ``accuracy_flexible`` (also "The answer is
+    18.", "**18**", the last number, "(B)", the option's text; ``accuracy`` is this one), and
+    ``no_answer_rate``, the share of texts with no answer even read flexibly.
+    Returns ``(metrics, flexible correctness per text, strict correctness per text)``."""
+    strict = [task.is_correct(t, e, "strict") for t, e in zip(texts, examples)]
+    flexible = [task.is_correct(t, e, "flexible") for t, e in zip(texts, examples)]
+    no_answer = sum(task.extract_answer(t, "flexible", e) is None for t, e in zip(texts, examples))
+    share = (lambda n: n / len(texts)) if texts else (lambda n: None)
+    metrics = {"questions": len(texts), "accuracy": share(sum(flexible)), "accuracy_strict": share(sum(strict)),
+               "accuracy_flexible": share(sum(flexible)), "no_answer": no_answer, "no_answer_rate": share(no_answer)}
+    return metrics, flexible, strict
+
+
 def task_accuracy(model, tokenizer, task, examples, max_new_tokens=256, batch_size=32, desc="eval greedy"):
-    """Greedy-decoding accuracy on ``examples``, and one record per question.
+    """Greedy-decoding accuracy on ``examples`` (strict and flexible, see ``answer_metrics``), and one record per
+    question.
 
     Where the examples carry a ``variant`` or ``steps`` field with more than one value (a multi-task mixture,
     problems of several lengths), the accuracy per value is reported too (``accuracy_by_variant``, ...)."""
     prompts = [task.format_prompt(e) for e in examples]
     greedy = generate_all(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size, desc=desc)
-    task.stats.clear()
-    correct = [task.is_correct(t[0], e) for t, e in zip(greedy, examples)]
-    metrics = {"questions": len(examples), "accuracy": sum(correct) / len(examples) if examples else None,
-               "no_answer": task.stats["no_answer"]}
+    metrics, correct, strict = answer_metrics(task, [t[0] for t in greedy], examples)
     for key in ("variant", "steps"):
         values = sorted({e[key] for e in examples if key in e}, key=str)
         if len(values) > 1:
             metrics[f"accuracy_by_{key}"] = {
                 str(v): sum(c for c, e in zip(correct, examples) if e.get(key) == v) / sum(e.get(key) == v for e in examples)
                 for v in values}
-    records = [{"id": e["id"], "answer": e["answer"], "greedy": t[0], "correct": c}
-               for e, t, c in zip(examples, greedy, correct)]
+    records = [{"id": e["id"], "answer": e["answer"], "greedy": t[0], "correct": c, "correct_strict": c_strict}
+               for e, t, c, c_strict in zip(examples, greedy, correct, strict)]
     return metrics, records
 
 
@@ -154,7 +167,7 @@ def evaluate(config: EvalConfig) -> dict:
                              max_new_tokens=config.max_new_tokens, batch_size=max(1, config.batch_size //
                                                                                   config.vote_samples),
                              seed=config.seed, desc="eval vote")
-        answers = [[task.extract_answer(t) for t in ts] for ts in votes]
+        answers = [[task.extract_answer(t, "flexible", e) for t in ts] for ts, e in zip(votes, examples)]
         # judge the majority answer through one of the COTs that gave it, so each task's own checker decides
         winners = [ts[a.index(majority(a))] if majority(a) is not None else "" for ts, a in zip(votes, answers)]
         metrics["vote_accuracy"] = sum(task.is_correct(t, e) for t, e in zip(winners, examples)) / len(examples)

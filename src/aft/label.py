@@ -12,7 +12,9 @@
 - ``field``: graded scores the user supplies per completion in ``score_field`` (a judge or reward model).
 
 Every labelled group also gets ``correct`` (answer right: the positives the NLL term may train on) and
-``predictions`` (the extracted answers). Groups with no positive or no negative are kept (they still feed
+``predictions`` (the extracted answers). Answers are read ``flexible``-ly by default (``answer_match``): a
+right answer in another format ("The answer is 18.", "**18**", "(B)", the option's text) still marks a right
+chain of thought; ``strict`` accepts only the task's own format (``#### 18``, "The answer is B"). Groups with no positive or no negative are kept (they still feed
 the NLL term) and counted.
 """
 
@@ -22,6 +24,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 from aft.data import DataError, load_groups, write_jsonl
+from aft.tasks.base import ANSWER_MATCHES
 
 FEEDBACK = ("binary", "steps", "field")
 
@@ -36,25 +39,29 @@ class LabelConfig:
     feedback: str = field(default="binary", metadata={"help": f"One of {FEEDBACK}."})
     score_field: str = field(default="scores", metadata={"help": "With --feedback field: the per-completion "
                                                                    "score list in each group."})
+    answer_match: str = field(default="flexible", metadata={
+        "help": "How answers are read: flexible (also 'The answer is 18.', '**18**', '(B)', the option's text) or "
+                "strict (only the task's own format: '#### 18', 'The answer is B')."})
 
 
-def step_rank(task, text: str, example) -> int:
+def step_rank(task, text: str, example, match: str = "flexible") -> int:
     """The step-verified rank (0 to 3) of one COT; see the module docstring."""
-    right = task.is_correct(text, example)
+    right = task.is_correct(text, example, match)
     _, wrong_steps = task.check_steps(text)
-    return 2 * int(right) + int(wrong_steps == 0 and (right or task.extract_answer(text) is not None))
+    return 2 * int(right) + int(wrong_steps == 0 and (right or task.extract_answer(text, match, example) is not None))
 
 
-def label_group(task, group: dict, feedback: str, score_field: str = "scores") -> dict:
-    texts = group["completions"]  # the group carries the example's fields ("answer", "question")
-    correct = [task.is_correct(t, group) for t in texts]
+def label_group(task, group: dict, feedback: str, score_field: str = "scores", match: str = "flexible") -> dict:
+    texts = group["completions"]  # the group carries the example's fields ("answer", "question", "options")
+    correct = [task.is_correct(t, group, match) for t in texts]
     if feedback == "binary":
         labels = [float(c) for c in correct]
     elif feedback == "steps":
-        labels = [float(step_rank(task, t, group)) for t in texts]
+        labels = [float(step_rank(task, t, group, match)) for t in texts]
     else:
         labels = [float(x) for x in group[score_field]]
-    return {**group, "labels": labels, "correct": correct, "predictions": [task.extract_answer(t) for t in texts]}
+    return {**group, "labels": labels, "correct": correct,
+            "predictions": [task.extract_answer(t, match, group) for t in texts]}
 
 
 def label(config: LabelConfig) -> str:
@@ -63,6 +70,8 @@ def label(config: LabelConfig) -> str:
 
     if config.feedback not in FEEDBACK:
         raise ValueError(f"feedback must be one of {FEEDBACK}; got {config.feedback!r}")
+    if config.answer_match not in ANSWER_MATCHES:
+        raise ValueError(f"answer_match must be one of {ANSWER_MATCHES}; got {config.answer_match!r}")
     task = load_task(config.task)
     groups, _ = load_groups(config.groups, require_labels=False)
     out, report = [], Counter()
@@ -71,7 +80,7 @@ def label(config: LabelConfig) -> str:
             raise DataError(f"{config.groups}: group {g['id']!r} has no 'answer' to check against")
         if config.feedback == "field" and len(g.get(config.score_field, [])) != len(g["completions"]):
             raise DataError(f"{config.groups}: group {g['id']!r} needs one '{config.score_field}' per completion")
-        g = label_group(task, g, config.feedback, config.score_field)
+        g = label_group(task, g, config.feedback, config.score_field, config.answer_match)
         out.append(g)
         report["groups"] += 1
         report["completions"] += len(g["completions"])

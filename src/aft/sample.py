@@ -126,6 +126,8 @@ def sample(config: SampleConfig) -> str:
         e = examples[i]
         group = {"id": e["id"], "prompt": prompts[i], "completions": dedupe(texts), "n_sampled": len(texts),
                  "answer": e["answer"], "question": e["question"]}
+        if "options" in e:  # multiple choice: `aft label` reads an answer given as the option's text
+            group["options"] = e["options"]
         if config.include_reference:
             group["reference"] = task.reference_cot(e)
         return group

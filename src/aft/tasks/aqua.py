@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import re
 
-from aft.tasks.base import Task, answer_line_cot, extract_letter, format_options
+from aft.tasks.base import Task, answer_line_cot, extract_letter, format_options, strict_letter
 
 LETTERS = "ABCDE"
 
@@ -41,8 +41,10 @@ class AQuATask(Task):
     def reference_cot(self, example: dict) -> str:
         return answer_line_cot(example[self.cot_field], example["answer"])
 
-    def parse_answer(self, text: str) -> str | None:
-        return extract_letter(text, LETTERS)
+    def parse_answer(self, text: str, match: str = "flexible", example: dict | None = None) -> str | None:
+        if match == "strict":
+            return strict_letter(text, LETTERS)
+        return extract_letter(text, LETTERS, (example or {}).get("options"))
 
 
 def _strip_letter(option: str, letter: str) -> str:

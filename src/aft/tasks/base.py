@@ -18,6 +18,7 @@ import math
 import operator
 import re
 from decimal import Decimal, InvalidOperation
+from fractions import Fraction
 from pathlib import Path
 
 from aft import data
@@ -29,11 +30,27 @@ from aft import data
 # commas only in groups of three (so "3,4 and 5" is not read as 345), optional decimals.
 NUMBER = r"-?\$?-?(?:\d{1,3}(?:,\d{3})+(?:\.\d+)?|\d+(?:\.\d+)?|\.\d+)%?"
 _NUMBER_RE = re.compile(r"(?<![\w.])" + NUMBER)
+# An answer may also be a fraction ("3/4", not a date "3/4/2020").
+_ANSWER_NUMBER_RE = re.compile(r"(?<![\w./])(?:-?\d+/\d+(?![\d/])|" + NUMBER + ")")
+ANSWER_MATCHES = ("strict", "flexible")
 
 
 def normalize_number(text: str) -> str | None:
-    """``"$1,234.50"`` -> ``"1234.5"``, ``"1234.00"`` -> ``"1234"``, ``"-7."`` -> ``"-7"``; None if no number."""
+    """``"$1,234.50"`` -> ``"1234.5"``, ``"1234.00"`` -> ``"1234"``, ``"-7."`` -> ``"-7"``, ``"3/4"`` ->
+    ``"0.75"`` (``"1/3"`` stays ``"1/3"``); None if no number."""
     cleaned = re.sub(r"[\s$,%]", "", text).rstrip(".")
+    if re.fullmatch(r"-?\d+/\d+", cleaned):
+        numerator, denominator = (int(part) for part in cleaned.split("/"))
+        if denominator == 0:
+            return None
+        value = Fraction(numerator, denominator)
+        while denominator % 2 == 0:
+            denominator //= 2
+        while denominator % 5 == 0:
+            denominator //= 5
+        if denominator != 1:  # no finite decimal: keep the fraction, answers_equal compares it
+            return f"{value.numerator}/{value.denominator}"
+        cleaned = str(Decimal(value.numerator) / Decimal(value.denominator))
     try:
         value = Decimal(cleaned)
     except InvalidOperation:
@@ -46,26 +63,53 @@ def normalize_number(text: str) -> str | None:
 
 
 def _first_number(text: str) -> str | None:
-    match = _NUMBER_RE.search(text)
+    match = _ANSWER_NUMBER_RE.search(text)
     return normalize_number(match.group()) if match else None
 
 
-# The canonical markers, in order of preference. "answer is" also covers "the answer is: 7" and
-# "The final answer is $12.50."; we read only to the end of the marker's line.
-_HASH_RE = re.compile(r"####([^\n]*)")
-_ANSWER_IS_RE = re.compile(r"answer\s+is\s*:?([^\n]*)", re.IGNORECASE)
+# Where a model says its answer, in order of preference: GSM8K's "#### N" (the strict format), a LaTeX
+# \boxed{...}, an answer phrase ("the answer is: 7", "The final answer is $12.50.", a line "Answer: 7" or
+# "A: 7"; read to the end of its line), a bold number (**18**). Text after a new "Question:" is a
+# continuation the model invented (the next few-shot example), not its answer, and is cut off first.
+_HASH_RE = re.compile(r"####\s*(" + NUMBER + ")")
+_BOXED_RE = re.compile(r"\\boxed\{((?:[^{}]|\{[^{}]*\})*)\}")
+_ANSWER_IS_RE = re.compile(r"answer\s+is\s*:?([^\n]*)|^\s*(?:final\s+)?(?:answer|A)\s*:([^\n]*)",
+                           re.IGNORECASE | re.MULTILINE)
+_BOLD_RE = re.compile(r"\*\*([^*\n]+)\*\*")
+_NEXT_QUESTION_RE = re.compile(r"\n\s*Question\s*:")
+
+
+def strict_number(text: str) -> str | None:
+    """The number right after the first ``####`` (GSM8K's own format; lm-evaluation-harness's strict-match)."""
+    match = _HASH_RE.search(text)
+    return normalize_number(match.group(1)) if match else None
 
 
 def extract_number(text: str) -> str | None:
-    """The final numeric answer of a COT: after the first ``####``, else after the first "answer is",
-    else the last number in the text. Normalised with ``normalize_number``."""
-    for marker in (_HASH_RE, _ANSWER_IS_RE):
-        match = marker.search(text)
-        if match:
-            number = _first_number(match.group(1))
-            if number is not None:
-                return number
-    numbers = _NUMBER_RE.findall(text)
+    """The final answer of a COT read flexibly (lm-evaluation-harness's flexible-extract is the last number;
+    the markers come first so "The answer is 8. Check: 10 more is 18" reads 8): the text up to a new
+    "Question:", then the first ``####``, else the last ``\boxed{}``, else the first answer phrase, else the
+    last bold number, else the last number. Normalised with ``normalize_number``; a boxed expression that is
+    not a plain number (``\frac{3}{4}``) is returned as written, for ``answers_equal``."""
+    text = _NEXT_QUESTION_RE.split(text, maxsplit=1)[0]
+    number = strict_number(text)
+    if number is not None:
+        return number
+    boxed = _BOXED_RE.findall(text)
+    if boxed:
+        inside = boxed[-1].replace("\\$", "$").replace("\\%", "%").replace("\\!", "").strip()
+        if normalize_number(inside) is not None or not re.search(r"\\d?frac|\\sqrt", inside):
+            return normalize_number(inside) or _first_number(inside)
+        return inside
+    for match in _ANSWER_IS_RE.finditer(text):
+        number = _first_number(match.group(1) if match.group(1) is not None else match.group(2))
+        if number is not None:
+            return number
+    for inside in reversed(_BOLD_RE.findall(text)):
+        number = _first_number(inside)
+        if number is not None:
+            return number
+    numbers = _ANSWER_NUMBER_RE.findall(text)
     return normalize_number(numbers[-1]) if numbers else None
 
 
@@ -74,6 +118,25 @@ def numbers_equal(a: str, b: str) -> bool:
         return Decimal(a) == Decimal(b)
     except InvalidOperation:
         return False
+
+
+def answers_equal(predicted: str, gold: str) -> bool:
+    """Whether an extracted answer equals the gold one: the same letter or number (``"1234"`` = ``"1234.0"``),
+    else, for a fraction or LaTeX expression, mathematically equal as ``math-verify`` judges it (``"1/2"`` =
+    ``"0.5"``, ``"\\frac{3}{4}"`` = ``"0.75"``)."""
+    if predicted.strip().upper() == gold.strip().upper() or numbers_equal(predicted, gold):
+        return True
+    if re.fullmatch(r"[A-Za-z]", predicted.strip()) or re.fullmatch(r"[A-Za-z]", gold.strip()):
+        return False  # option letters: nothing more to compare
+    if max(len(predicted), len(gold)) > 64:  # short answers only: sympy on long input can take very long
+        return False
+    import logging
+
+    from math_verify import parse, verify  # lazy: loads sympy (a third of a second), needed only here
+
+    logging.getLogger("math_verify").setLevel(logging.ERROR)  # its warning that we turned the timeout off
+    # No timeout: math-verify's uses signal.alarm, which fails outside the main thread; the inputs are short.
+    return verify(parse(gold, parsing_timeout=None), parse(predicted, parsing_timeout=None), timeout_seconds=None)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -96,12 +159,21 @@ _LAST_LINE_LETTER_RES = [
 ]
 
 
-def extract_letter(text: str, letters: str = "ABCDE") -> str | None:
-    """The chosen option letter (upper case): the first "The answer is X", else the first other answer
-    marker, else the option named on the last line."""
+def strict_letter(text: str, letters: str = "ABCDE") -> str | None:
+    """The letter of the first "The answer is X" (or "(X)"): the format our multiple-choice references end with."""
     for match in _CANONICAL_LETTER_RE.finditer(text):
         if match.group(1) in letters:
             return match.group(1)
+    return None
+
+
+def extract_letter(text: str, letters: str = "ABCDE", options: list[str] | None = None) -> str | None:
+    """The chosen option letter (upper case), read flexibly: the first "The answer is X", else the first
+    other answer marker, else the option named on the last line, else (given the ``options``' texts) the
+    option whose text the answer states ("The answer is 600" when C is 600)."""
+    letter = strict_letter(text, letters)
+    if letter is not None:
+        return letter
     for match in _LETTER_MARKER_RE.finditer(text):
         open_paren, letter, close_paren = match.groups()
         # A bare lower-case letter after "answer" is usually the article ("the answer is a bit ...");
@@ -111,7 +183,7 @@ def extract_letter(text: str, letters: str = "ABCDE") -> str | None:
             continue
         if letter.upper() in letters:
             return letter.upper()
-    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
+    lines = [line.strip().strip("*") for line in text.strip().splitlines() if line.strip()]
     if lines:
         for pattern in _LAST_LINE_LETTER_RES:
             match = pattern.search(lines[-1])
@@ -119,6 +191,33 @@ def extract_letter(text: str, letters: str = "ABCDE") -> str | None:
                 letter = next(group for group in match.groups() if group).upper()
                 if letter in letters:
                     return letter
+    return option_by_text(text, options, letters) if options else None
+
+
+def _plain(text: str) -> str:
+    return " ".join(re.sub(r"[^\w\s.%$/-]", " ", text.lower()).split()).strip(" .")
+
+
+def option_by_text(text: str, options: list[str], letters: str = "ABCDE") -> str | None:
+    """The letter of the option whose text the answer gives instead of its letter: what follows the first
+    answer phrase ("the answer is church."), else the last line; the option's text must be all of it or
+    begin it ("bank, since ..."), or be the same number ("$600" for "600"). Longest option first, so
+    "new york city" wins over "new york"."""
+    match = _ANSWER_IS_RE.search(text)
+    lines = [line for line in text.strip().splitlines() if line.strip()]
+    said = (match.group(1) if match.group(1) is not None else match.group(2)) if match else (lines or [""])[-1]
+    said = _plain(said)
+    ranked = sorted(zip(letters, options), key=lambda pair: -len(pair[1]))
+    for letter, option in ranked:
+        plain = _plain(option)
+        if plain and (said == plain or re.match(re.escape(plain) + r"(?![\w])", said)):
+            return letter
+    number = _first_number(said)
+    if number is not None:
+        for letter, option in zip(letters, options):
+            value = _first_number(option)
+            if value is not None and numbers_equal(number, value):
+                return letter
     return None
 
 
@@ -326,20 +425,23 @@ class Task:
     def reference_cot(self, example: dict) -> str:
         raise NotImplementedError
 
-    def parse_answer(self, text: str) -> str | None:
+    def parse_answer(self, text: str, match: str = "flexible", example: dict | None = None) -> str | None:
+        """The answer ``text`` gives: ``match="strict"`` only in the task's own format (GSM8K's ``#### N``,
+        "The answer is X"), ``"flexible"`` also as people write it (see ``extract_number``, ``extract_letter``;
+        ``example`` gives the options' texts)."""
         raise NotImplementedError
 
-    def extract_answer(self, text: str) -> str | None:
-        answer = self.parse_answer(text)
+    def extract_answer(self, text: str, match: str = "flexible", example: dict | None = None) -> str | None:
+        if match not in ANSWER_MATCHES:
+            raise ValueError(f"answer match must be one of {ANSWER_MATCHES}; got {match!r}")
+        answer = self.parse_answer(text, match, example)
         self.stats["extracted" if answer is not None else "no_answer"] += 1
         return answer
 
-    def is_correct(self, text: str, example: dict) -> bool:
-        predicted = self.extract_answer(text)
-        if predicted is None:
-            return False
-        gold = str(example["answer"])
-        return numbers_equal(predicted, gold) or predicted.upper() == gold.upper()
+    def is_correct(self, text: str, example: dict, match: str = "flexible") -> bool:
+        """Whether the answer ``text`` gives (read ``strict``-ly or ``flexible``-ly) equals the example's."""
+        predicted = self.extract_answer(text, match, example)
+        return predicted is not None and answers_equal(predicted, str(example["answer"]))
 
     def check_steps(self, text: str) -> tuple[int, int]:
         return (0, 0)

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import re
 
-from aft.tasks.base import Task, check_equations, extract_number, normalize_number
+from aft.tasks.base import Task, check_equations, extract_number, normalize_number, strict_number
 
 _ANNOTATION_RE = re.compile(r"<<[^<>]*>>")
 
@@ -40,8 +40,8 @@ class GSM8KTask(Task):
         lines = [line.rstrip() for line in body.strip().splitlines() if line.strip()]
         return " " + "\n".join(lines + [f"#### {example['answer']}"])
 
-    def parse_answer(self, text: str) -> str | None:
-        return extract_number(text)
+    def parse_answer(self, text: str, match: str = "flexible", example: dict | None = None) -> str | None:
+        return strict_number(text) if match == "strict" else extract_number(text)
 
     def check_steps(self, text: str) -> tuple[int, int]:
         return check_equations(text)
