@@ -67,16 +67,22 @@ def _require(obj, fields, where):
 
 
 def load_groups(path, require_labels: bool = True):
-    """Read groups from ``path`` in any accepted format. Returns ``(groups, report)``.
+    """Read groups in any accepted format from ``path``, a JSONL file, or from rows already in memory (a
+    ``datasets.Dataset`` or a list of dicts). Returns ``(groups, report)``.
 
     ``report`` counts what was read and what was skipped, by reason, so nothing disappears unseen.
     """
     groups: dict[str, dict] = {}
     report = Counter()
-    for number, obj in read_jsonl(path):
-        where = f"{path}:{number}"
+    in_memory = not isinstance(path, (str, os.PathLike))
+    rows = ((number, dict(row)) for number, row in enumerate(path, start=1)) if in_memory else read_jsonl(path)
+    for number, obj in rows:
+        where = f"dataset row {number}" if in_memory else f"{path}:{number}"
         if "chosen" in obj or "rejected" in obj:            # TRL pairs: merge by prompt
             _require(obj, ["prompt", "chosen", "rejected"], where)
+            if not all(isinstance(obj[key], str) for key in ("prompt", "chosen", "rejected")):
+                raise DataError(f"{where}: prompt, chosen and rejected must be strings (TRL's conversational "
+                                "format: apply the chat template first)")
             g = groups.setdefault(obj["prompt"], {"id": f"pair-{len(groups)}", "prompt": obj["prompt"],
                                                   "completions": [], "labels": []})
             for text, label in ((obj["chosen"], 1.0), (obj["rejected"], 0.0)):

@@ -19,7 +19,7 @@ from transformers import Trainer, TrainingArguments, set_seed
 
 from aft import losses
 from aft.data import GroupCollator, SFTCollator, encode_completion, encode_prompt, load_groups, tokenize_group
-from aft.models import ModelFields, load_for_training, merge_adapter, save_for_inference
+from aft.models import ModelFields, load_for_training, load_tokenizer, merge_adapter, save_for_inference
 from aft.grouped import micro_batched_backward
 from aft.tasks import TaskFields
 from aft.scoring import completion_logprobs, is_wrapped, sequence_scores
@@ -188,7 +188,39 @@ class SFTTrainer(HeldOutEvalMixin, MetricsMixin, Trainer):
 
 
 class AlignTrainer(HeldOutEvalMixin, MetricsMixin, Trainer):
-    """``compute_loss`` scores every candidate of each group and calls the pure loss of ``args.loss``."""
+    """``compute_loss`` scores every candidate of each group and calls the pure loss of ``args.loss``.
+
+    From Python, as TRL's trainers are used::
+
+        trainer = AlignTrainer(model="runs/vft", args=AlignConfig(output_dir="runs/aft"), train_dataset=groups)
+        trainer.train()
+
+    ``model`` is a loaded model, or a hub name or folder (loaded as ``aft align`` does, LoRA included; default
+    ``args.model``). ``train_dataset`` is groups (``{"prompt", "completions", "labels"}``), TRL pairs
+    (``{"prompt", "chosen", "rejected"}``) or RRHF rows, as a ``datasets.Dataset``, a list of dicts or a JSONL
+    path (default ``args.groups``); it is tokenised here, and for DPO the reference log-probs are computed here.
+    """
+
+    def __init__(self, model=None, args: AlignConfig = None, train_dataset=None, processing_class=None,
+                 data_collator=None, **kwargs):
+        if not isinstance(args, AlignConfig):
+            raise ValueError("AlignTrainer needs args=AlignConfig(...)")
+        if model is None or isinstance(model, str):
+            args.model = model or args.model
+            set_seed(args.seed)  # before the model exists: LoRA's initial weights are drawn from it
+            model, tokenizer = load_for_training(args)
+            processing_class = processing_class or tokenizer
+        source = train_dataset if train_dataset is not None else (args.groups or None)
+        if source is not None and not _tokenized(source):
+            if processing_class is None:
+                processing_class = load_tokenizer(args.tokenizer or args.model, args.trust_remote_code)
+            train_dataset = align_features(args, processing_class, source)
+            if args.loss == "dpo" and any("ref_logps" not in f for f in train_dataset):
+                add_reference_logps(model, train_dataset, processing_class.pad_token_id)
+        if data_collator is None and processing_class is not None:
+            data_collator = GroupCollator(processing_class.pad_token_id, args.nll_on)
+        super().__init__(model=model, args=args, train_dataset=train_dataset, processing_class=processing_class,
+                         data_collator=data_collator, **kwargs)
 
     # Our loss is a per-micro-batch mean. Without this the Trainer, seeing a "labels" key and a model whose
     # forward takes **kwargs, assumes the loss was normalised by num_items_in_batch and skips dividing by
@@ -296,8 +328,15 @@ def sft(config: SFTConfig) -> str:
     return config.output_dir
 
 
-def align_features(config: AlignConfig, tokenizer):
-    groups, report = load_groups(config.groups)
+def _tokenized(dataset) -> bool:
+    """Whether ``dataset`` already holds the features ``align_features`` makes (a list of dicts with token ids)."""
+    return isinstance(dataset, list) and bool(dataset) and "prompt_ids" in dataset[0]
+
+
+def align_features(config: AlignConfig, tokenizer, groups=None):
+    """Token ids of the groups in ``groups`` (rows or a path, see ``load_groups``; default ``config.groups``)."""
+    source = config.groups if groups is None else groups
+    groups, report = load_groups(source)
     features = []
     for group in groups:
         if config.max_candidates is not None:
@@ -310,7 +349,7 @@ def align_features(config: AlignConfig, tokenizer):
             report["skipped: group with nothing to train on"] += 1
     _report(f"align data ({len(features)} groups)", report)
     if not features:
-        raise ValueError(f"{config.groups}: no usable group")
+        raise ValueError(f"{source if isinstance(source, str) else 'train_dataset'}: no usable group")
     return features
 
 
@@ -329,18 +368,12 @@ def add_reference_logps(model, features, pad_id: int, batch_size: int = 16):
     model.train()
 
 
-def align(config: AlignConfig) -> str:
-    """Alignment stage (AFT or a baseline). Returns the folder of the saved model."""
-    set_seed(config.seed)  # before the model exists: LoRA's initial weights are drawn from it
-    model, tokenizer = load_for_training(config)
-    features = align_features(config, tokenizer)
-    if config.loss == "dpo" and any("ref_logps" not in f for f in features):
-        add_reference_logps(model, features, tokenizer.pad_token_id)
-    trainer = make_trainer(AlignTrainer, config, model=model, train_dataset=features,
-                           data_collator=GroupCollator(tokenizer.pad_token_id, config.nll_on),
-                           processing_class=tokenizer)
+def align(config: AlignConfig, train_dataset=None) -> str:
+    """Alignment stage (AFT or a baseline) on ``train_dataset`` (rows in memory, see ``AlignTrainer``) or
+    ``config.groups``. Returns the folder of the saved model."""
+    trainer = make_trainer(AlignTrainer, config, train_dataset=train_dataset)
     trainer.train(resume_from_checkpoint=_last_checkpoint(config))
-    finish(trainer, tokenizer, config)
+    finish(trainer, trainer.processing_class, config)
     return config.output_dir
 
 
