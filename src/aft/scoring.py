@@ -173,6 +173,8 @@ def completion_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Te
     if group_index is not None and position_ids is None and _can_share(model):
         return shared_prefix_logprobs(model, input_ids, attention_mask, completion_mask, group_index, chunk_size)
     targets_mask = completion_mask[:, 1:].bool() & attention_mask[:, 1:].bool()
+    if _fsdp_sharded(model):
+        return _logprobs_from_forward(model, input_ids, attention_mask, position_ids, targets_mask)
     hidden = hidden_states(model, input_ids, attention_mask, position_ids)[:, :-1]
     rows = hidden[targets_mask]                               # (N, H): only completion positions
     targets = input_ids[:, 1:][targets_mask]
@@ -182,6 +184,28 @@ def completion_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Te
     sums = torch.zeros(input_ids.shape[0], dtype=torch.float32, device=input_ids.device)
     sums = sums.index_add(0, seq_index, token_logps)
     return sums, targets_mask.sum(dim=1)
+
+
+def _fsdp_sharded(model) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(unwrap(model), FSDPModule)
+
+
+def _logprobs_from_forward(model, input_ids, attention_mask, position_ids, targets_mask):
+    """``completion_logprobs`` through the model's own forward, all logits kept: FSDP2 (as accelerate shards a
+    model: the final norm, embeddings and head form one unit) gathers, frees and reduce-scatters that unit's
+    weights on hooks around the forward, and a head applied after the forward reads freed weights in the backward
+    (a segmentation fault on CPU). Costs the (batch x length x vocab) logits the chunked path avoids."""
+    if position_ids is None:
+        position_ids = position_ids_for(attention_mask)
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                   use_cache=False).logits[:, :-1]
+    rows, targets = logits[targets_mask].float(), input_ids[:, 1:][targets_mask]
+    token_logps = rows.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(rows, dim=-1)
+    seq_index = torch.arange(input_ids.shape[0], device=input_ids.device).unsqueeze(1).expand_as(targets_mask)
+    sums = torch.zeros(input_ids.shape[0], dtype=torch.float32, device=input_ids.device)
+    return sums.index_add(0, seq_index[targets_mask], token_logps), targets_mask.sum(dim=1)
 
 
 def is_wrapped(model) -> bool:

@@ -11,6 +11,8 @@ and YAML configs. Multi-GPU / multi-node runs go through ``accelerate launch`` u
 
 from __future__ import annotations
 
+import os
+import warnings
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 
@@ -172,6 +174,9 @@ def make_trainer(cls, config, default_task=None, **kwargs):
     callbacks = [EarlyStoppingCallback(config.early_stopping_patience)] if config.early_stopping_patience else []
     trainer = cls(args=config, eval_dataset=evaluation[1] if evaluation else None, callbacks=callbacks, **kwargs)
     trainer.held_out = evaluation
+    if os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true" and not trainer.is_fsdp_enabled:
+        warnings.warn("the accelerate config asks for FSDP, but accelerate runs these processes data-parallel "
+                      "(DDP) instead: it shards only on GPUs (CPU processes always get DDP)")
     return trainer
 
 
@@ -385,7 +390,24 @@ def finish(trainer, tokenizer, config):
 
     trainer.accelerator.wait_for_everyone()
     main = trainer.is_world_process_zero()
-    if trainer.is_deepspeed_enabled or trainer.is_fsdp_enabled:
+    if trainer.is_fsdp_enabled and config.lora_r == 0:
+        # The Trainer's own FSDP2 save hangs (transformers 5.24, accelerate 1.15: the state dict it saves still
+        # holds sharded DTensors, which rank 0 alone then reads, a collective the other ranks never join). So every
+        # rank gathers each weight in turn, rank 0 keeps the full copies and writes them (safetensors, split past
+        # 5 GB) with the model's config and the tokenizer.
+        from huggingface_hub import save_torch_state_dict
+        from torch.distributed.tensor import DTensor
+
+        state = {}
+        for name, value in trainer.model.state_dict().items():
+            value = value.full_tensor() if isinstance(value, DTensor) else value
+            if main:
+                state[name] = value.detach().cpu().clone()
+        if main:
+            save_torch_state_dict(state, config.output_dir, metadata={"format": "pt"})
+            trainer.accelerator.unwrap_model(trainer.model).config.save_pretrained(config.output_dir)
+            tokenizer.save_pretrained(config.output_dir)
+    elif trainer.is_deepspeed_enabled or trainer.is_fsdp_enabled:
         lora = config.lora_r > 0
         trainer.save_model(os.path.join(config.output_dir, "adapter") if lora else config.output_dir)
         if main and lora:  # only the adapter comes back gathered: merge it into a fresh copy of the base
