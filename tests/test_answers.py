@@ -30,6 +30,9 @@ GSM8K_OUTPUTS = [
     (" Therefore the answer is $\\boxed{\\frac{1}{2}}$.", "0.5", False, True),   # LaTeX, judged by math-verify
     (" 18.00 dollars in all", "18", False, True),
     (" 2 + 3 = 5. The answer is 5.\n\nQuestion: Tom has 7 pens. How many pens?\nAnswer: 7", "5", False, True),
+    # what follows a new "Question:" is the model inventing the next example: neither reading looks there
+    (" 2 + 3 = 5. The answer is 5.\nQuestion: Tom has 7 pens. How many pens?\nAnswer: 7\n#### 7", "5", False, True),
+    (" 2 + 3 = 5.\nQuestion: Tom has 7 pens. How many pens?\nAnswer: 7\n#### 7", "7", False, False),
     # wrong, or no answer at all: neither counts them
     (" She sells 16 - 3 = 13 eggs, 13 * 2 = 26.\n#### 26", "18", False, False),
     (" The answer is 17, not 18? No: the answer is 17.", "18", False, False),  # the first answer phrase wins
@@ -87,6 +90,7 @@ CHOICE_OUTPUTS = [
     (" The answer is $600", AQUA, False, True),
     (" Hence the required value is 600", AQUA, False, True),          # the last line names the option's number
     (" 3000 * 0.2 = 500. The answer is B", AQUA, False, False),
+    (" 3000 * 0.2 = 600\n(C)\nQuestion: 2 + 2?\nThe answer is B", AQUA, False, True),
     (" The answer is 650.", AQUA, False, False),                       # a number no option has
     (" People pray in a church.\nThe answer is B", ECQA, True, True),
     (" People go to a church to pray. So the answer is church.", ECQA, False, True),

@@ -29,7 +29,6 @@ from aft import data
 # A number as models and GSM8K write it: optional minus and dollar sign (either order), thousands
 # commas only in groups of three (so "3,4 and 5" is not read as 345), optional decimals.
 NUMBER = r"-?\$?-?(?:\d{1,3}(?:,\d{3})+(?:\.\d+)?|\d+(?:\.\d+)?|\.\d+)%?"
-_NUMBER_RE = re.compile(r"(?<![\w.])" + NUMBER)
 # An answer may also be a fraction ("3/4", not a date "3/4/2020").
 _ANSWER_NUMBER_RE = re.compile(r"(?<![\w./])(?:-?\d+/\d+(?![\d/])|" + NUMBER + ")")
 ANSWER_MATCHES = ("strict", "flexible")
@@ -69,14 +68,12 @@ def _first_number(text: str) -> str | None:
 
 # Where a model says its answer, in order of preference: GSM8K's "#### N" (the strict format), a LaTeX
 # \boxed{...}, an answer phrase ("the answer is: 7", "The final answer is $12.50.", a line "Answer: 7" or
-# "A: 7"; read to the end of its line), a bold number (**18**). Text after a new "Question:" is a
-# continuation the model invented (the next few-shot example), not its answer, and is cut off first.
+# "A: 7"; read to the end of its line), a bold number (**18**).
 _HASH_RE = re.compile(r"####\s*(" + NUMBER + ")")
 _BOXED_RE = re.compile(r"\\boxed\{((?:[^{}]|\{[^{}]*\})*)\}")
 _ANSWER_IS_RE = re.compile(r"answer\s+is\s*:?([^\n]*)|^\s*(?:final\s+)?(?:answer|A)\s*:([^\n]*)",
                            re.IGNORECASE | re.MULTILINE)
 _BOLD_RE = re.compile(r"\*\*([^*\n]+)\*\*")
-_NEXT_QUESTION_RE = re.compile(r"\n\s*Question\s*:")
 
 
 def strict_number(text: str) -> str | None:
@@ -86,12 +83,11 @@ def strict_number(text: str) -> str | None:
 
 
 def extract_number(text: str) -> str | None:
-    """The final answer of a COT read flexibly (lm-evaluation-harness's flexible-extract is the last number;
-    the markers come first so "The answer is 8. Check: 10 more is 18" reads 8): the text up to a new
-    "Question:", then the first ``####``, else the last ``\boxed{}``, else the first answer phrase, else the
+    r"""The final answer of a COT read flexibly (lm-evaluation-harness's flexible-extract is the last number;
+    the markers come first so "The answer is 8. Check: 10 more is 18" reads 8): the first ``####``, else the
+    last ``\boxed{}``, else the first answer phrase, else the
     last bold number, else the last number. Normalised with ``normalize_number``; a boxed expression that is
     not a plain number (``\frac{3}{4}``) is returned as written, for ``answers_equal``."""
-    text = _NEXT_QUESTION_RE.split(text, maxsplit=1)[0]
     number = strict_number(text)
     if number is not None:
         return number
@@ -120,6 +116,13 @@ def numbers_equal(a: str, b: str) -> bool:
         return False
 
 
+def _is_decimal(text: str) -> bool:
+    try:
+        return Decimal(text).is_finite()
+    except InvalidOperation:
+        return False
+
+
 def answers_equal(predicted: str, gold: str) -> bool:
     """Whether an extracted answer equals the gold one: the same letter or number (``"1234"`` = ``"1234.0"``),
     else, for a fraction or LaTeX expression, mathematically equal as ``math-verify`` judges it (``"1/2"`` =
@@ -128,6 +131,8 @@ def answers_equal(predicted: str, gold: str) -> bool:
         return True
     if re.fullmatch(r"[A-Za-z]", predicted.strip()) or re.fullmatch(r"[A-Za-z]", gold.strip()):
         return False  # option letters: nothing more to compare
+    if _is_decimal(predicted) and _is_decimal(gold):
+        return False  # two plain numbers, and not equal
     if max(len(predicted), len(gold)) > 64:  # short answers only: sympy on long input can take very long
         return False
     import logging
@@ -359,6 +364,9 @@ def read_jsonl(path: str | Path):
         yield f"{path}:{number}", row
 
 
+_NEXT_QUESTION_RE = re.compile(r"\n\s*Question\s*:")
+
+
 class Task:
     """One benchmark: loading, prompting, reference COTs, answer extraction and step checks.
 
@@ -432,9 +440,11 @@ class Task:
         raise NotImplementedError
 
     def extract_answer(self, text: str, match: str = "flexible", example: dict | None = None) -> str | None:
+        """``parse_answer`` of the text before any new "Question:" (a continuation the model invented, the next
+        few-shot example, is not its answer), counted in ``stats``."""
         if match not in ANSWER_MATCHES:
             raise ValueError(f"answer match must be one of {ANSWER_MATCHES}; got {match!r}")
-        answer = self.parse_answer(text, match, example)
+        answer = self.parse_answer(_NEXT_QUESTION_RE.split(text, maxsplit=1)[0], match, example)
         self.stats["extracted" if answer is not None else "no_answer"] += 1
         return answer
 
