@@ -20,7 +20,8 @@ GSM8K_OUTPUTS = [
     (" 9 * 2 = 18\n#### $18.00", "18", True, True),
     (" The total is 1,000 + 250 = 1,250 dollars.\n#### 1,250", "1250", True, True),
     # right answers in other formats: only the flexible reading counts them
-    (" She sells 16 - 3 - 4 = 9 eggs at $2 each, so she makes 9 * 2 = 18 dollars.\nThe answer is 18.", "18", False, True),
+    (" She sells 16 - 3 - 4 = 9 eggs at $2 each, so she makes 9 * 2 = 18 dollars.\nThe answer is 18.", "18",
+     False, True),
     (" Let's think step by step. 16 - 3 - 4 = 9 eggs. 9 x $2 = $18.\nA: 18", "18", False, True),
     ("Step 1: 16 - 3 - 4 = 9\nStep 2: 9 * 2 = 18\n\n**18**", "18", False, True),
     (" She makes $18 every day.", "18", False, True),                       # units: the last number

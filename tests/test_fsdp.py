@@ -76,7 +76,8 @@ def launch_fsdp(args, tmp_path):
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     for rank in (0, 1):  # really sharded: each process holds half of every weight
-        assert f"rank {rank}: fsdp=True FSDPLlamaForCausalLM q_proj local (16, 32) of (32, 32)" in out.stdout, out.stdout
+        sharded = f"rank {rank}: fsdp=True FSDPLlamaForCausalLM q_proj local (16, 32) of (32, 32)"
+        assert sharded in out.stdout, out.stdout
 
 
 def _weights(folder):

@@ -14,8 +14,8 @@
 Every labelled group also gets ``correct`` (answer right: the positives the NLL term may train on) and
 ``predictions`` (the extracted answers). Answers are read ``flexible``-ly by default (``answer_match``): a
 right answer in another format ("The answer is 18.", "**18**", "(B)", the option's text) still marks a right
-chain of thought; ``strict`` accepts only the task's own format (``#### 18``, "The answer is B"). Groups with no positive or no negative are kept (they still feed
-the NLL term) and counted.
+chain of thought; ``strict`` accepts only the task's own format (``#### 18``, "The answer is B"). Groups with
+no positive or no negative are kept (they still feed the NLL term) and counted.
 """
 
 from __future__ import annotations
