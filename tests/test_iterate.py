@@ -109,3 +109,17 @@ def test_two_rounds_write_each_file_once_and_resume_between_rounds(tmp_path, mon
     assert spent["round1"]["completions_sampled"] == 18 and spent["total"]["completions_sampled"] == 36
     assert spent["total"]["optimizer_steps"] == spent["round1"]["optimizer_steps"] + spent["round2"]["optimizer_steps"]
     assert json.loads((run / "round2" / "eval" / "eval.json").read_text())["questions"] == 4
+
+
+def test_shipped_config_expands_and_the_cli_names_a_bad_one(tmp_path, capsys):
+    from pathlib import Path
+
+    from aft.cli import main
+
+    shipped = yaml.safe_load((Path(__file__).parents[1] / "configs" / "iterate.yaml").read_text())
+    names = [s["name"] for s in expand(shipped)["stages"]]
+    assert names[-4:] == ["round3/samples", "round3/labeled", "round3/align", "round3/eval"]
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({**BASE, "rounds": "three"}))
+    assert main(["iterate", str(bad)]) == 1
+    assert "rounds must be a positive integer" in capsys.readouterr().err
