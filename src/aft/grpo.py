@@ -54,7 +54,6 @@ else:
         logging_steps: float = 10
         save_strategy: str = "no"
         bf16: bool | None = False  # TRL's default is True; on a CPU without AMX bf16 is slower: opt in with --bf16
-        report_to: str | list[str] | None = "none"
 
         def __post_init__(self):
             self.max_completion_length = self.max_new_tokens
