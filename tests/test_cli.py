@@ -5,7 +5,7 @@ import pytest
 from aft.cli import main
 
 
-@pytest.mark.parametrize("command", ["sft", "sample", "label", "align", "eval", "run", "report", "demo"])
+@pytest.mark.parametrize("command", ["sft", "sample", "label", "align", "eval", "run", "report", "demo", "iterate", "grpo", "study"])
 def test_every_subcommand_has_help(command, capsys):
     # argparse exits 0 after printing help, `aft run`/`demo` may return 0 instead; anything else is a failure
     try:

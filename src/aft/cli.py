@@ -5,6 +5,8 @@
     aft label   --groups samples.jsonl --output labeled.jsonl (aft.label.label)
     aft align   --model runs/vft --groups labeled.jsonl --loss aft --constraint boundary --output_dir runs/aft
     aft eval    --model runs/aft --groups test_labeled.jsonl  (aft.evaluate.evaluate)
+    aft grpo    --model runs/vft --sample_budget 8000 --output_dir runs/grpo (aft.grpo.grpo; needs TRL)
+    aft iterate CONFIG.yaml                                   (aft.iterate.iterate: rounds of sample/label/align)
     aft report  RUN_DIR                                       (aft.report.report)
     aft run     CONFIG.yaml                                   (aft.pipeline.run)
     aft study   CONFIG.yaml                                   (aft.study.study)
@@ -22,6 +24,7 @@ import sys
 
 def _stages():
     from aft.evaluate import EvalConfig, evaluate
+    from aft.grpo import GRPOConfig, grpo
     from aft.label import LabelConfig, label
     from aft.sample import SampleConfig, sample
     from aft.train import AlignConfig, SFTConfig, align, sft
@@ -32,6 +35,8 @@ def _stages():
         "label": (LabelConfig, label, "Label sampled chains of thought: binary, step-verified or given scores."),
         "align": (AlignConfig, align, "Alignment: AFT or a baseline (rft, rrhf, pro, dpo), with a constraint."),
         "eval": (EvalConfig, evaluate, "Accuracy, majority-vote accuracy and assessment accuracy."),
+        **({"grpo": (GRPOConfig, grpo, "GRPO (TRL) rewarded by the task's answer checker: an on-policy baseline.")}
+           if GRPOConfig is not None else {}),
     }
 
 
@@ -56,6 +61,7 @@ commands:
   run      the stages of a pipeline config, in order, resumable
   report   plots and a markdown page for a run directory
   study    the paper's comparison over seeds (methods, sweep, claims), written up as markdown
+  iterate  rounds of sample -> label -> align, each round sampling from the last round's model
 {stages}"""
 
 
@@ -90,6 +96,9 @@ def _dispatch(argv):
     if command == "run":
         from aft.pipeline import main as run_main
         return run_main(rest)
+    if command == "iterate":
+        from aft.iterate import main as iterate_main
+        return iterate_main(rest)
     if command == "study":
         from aft.study import main as study_main
         return study_main(rest)

@@ -26,10 +26,10 @@ from pathlib import Path
 
 import yaml
 
-STAGE_OUTPUT = {"sample": "groups.jsonl", "label": "groups.jsonl", "eval": "eval.json"}
+STAGE_OUTPUT = {"sample": "groups.jsonl", "label": "groups.jsonl", "merge": "groups.jsonl", "eval": "eval.json"}
 # Under a multi-process launcher (accelerate launch, torchrun) sampling and training use every process; these
 # stages run on the main process alone while the others wait for its DONE file (no two writers of one file).
-MAIN_PROCESS_ONLY = {"init", "label", "eval"}
+MAIN_PROCESS_ONLY = {"init", "label", "merge", "eval"}
 
 
 def _rank() -> int:
@@ -76,9 +76,11 @@ def init(config: InitConfig) -> str:
 
 def stage_table():
     from aft.cli import _stages
+    from aft.iterate import MergeConfig, merge
 
     table = {name: (cls, fn) for name, (cls, fn, _) in _stages().items()}
     table["init"] = (InitConfig, init)
+    table["merge"] = (MergeConfig, merge)
     return table
 
 
@@ -98,6 +100,8 @@ def build_stage_config(spec: dict, defaults: dict, run_dir: Path, outputs: dict)
     for key in ("model", "tokenizer", "groups", "eval_groups"):
         if isinstance(values.get(key), str) and values[key] in outputs:
             values[key] = outputs[values[key]]
+    if isinstance(values.get("inputs"), list):
+        values["inputs"] = [outputs.get(name, name) for name in values["inputs"]]
     folder = run_dir / spec["name"]
     if "output_dir" in names:
         values["output_dir"] = str(folder)

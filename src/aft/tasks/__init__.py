@@ -62,12 +62,14 @@ class TaskFields:
     data_path: str | None = field(default=None, metadata={
         "help": "Local JSONL file or folder of {split}.jsonl; default: the task's Hugging Face hub dataset."})
     split: str = field(default="train", metadata={"help": "Split to read."})
-    limit: int | None = field(default=None, metadata={"help": "Only the first N questions."})
+    limit: int | None = field(default=None, metadata={"help": "Only the first N questions (after offset)."})
+    offset: int = field(default=0, metadata={"help": "Skip the first N questions (e.g. fresh questions per round)."})
 
     def load_examples(self):
-        """The task object and the examples of ``split``."""
+        """The task object and the examples of ``split`` from ``offset``, at most ``limit`` of them."""
         task = load_task(self.task)
-        return task, task.load(self.split, path=self.data_path, limit=self.limit)
+        end = None if self.limit is None else self.offset + self.limit
+        return task, task.load(self.split, path=self.data_path, limit=end)[self.offset:]
 
 
 __all__ = ["TaskFields", "TASKS", "Task", "load_task", "AQuATask", "ArithmeticTask", "ECQATask", "GSM8KTask"]

@@ -1,0 +1,151 @@
+"""``aft iterate CONFIG.yaml``: R rounds of sample -> label -> align, each round sampling from the model the
+previous round trained (iterative AFT; with ``align: {loss: rft}``, iterated rejection-sampling fine-tuning).
+
+The config is an ``aft run`` config (run_dir, defaults, optional ``stages`` that run first, e.g. VFT) plus the
+rounds. It expands into plain pipeline stages, one folder per round (``run_dir/round2/samples``, ...), so a
+stopped run continues from the first stage that did not finish, as ``aft run`` does::
+
+    run_dir: runs/iterate
+    defaults: {task: gsm8k, seed: 0}
+    stages: [{name: vft, stage: sft, model: meta-llama/Llama-2-7b-hf, num_train_epochs: 3}]
+    start: vft                  # the model round 1 samples from (a stage name or a folder)
+    rounds: 3
+    questions_per_round: 1000   # training questions sampled each round
+    fresh_questions: true       # round r takes questions [(r-1)N, rN); false: the same N every round
+    restart: previous           # previous: round r trains round r-1's model on round r's groups;
+                                # start: round r trains the start model on the union of rounds 1..r's groups
+    sample: {k: 8, temperature: 0.8}
+    label: {feedback: binary}
+    align: {loss: aft, constraint: boundary, beta: 0.05}
+    eval: {split: test}         # optional: evaluate every round's model
+
+``run_dir/budget.json`` counts what each round cost: completions sampled, optimizer steps, seconds.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+RESTART = ("previous", "start")
+ROUND_KEYS = ("start", "rounds", "questions_per_round", "fresh_questions", "restart", "sample", "label", "align",
+              "eval")
+
+
+@dataclass
+class MergeConfig:
+    """Union of labelled group files: a question's groups from several rounds become one group."""
+
+    inputs: list[str] = field(default_factory=list, metadata={"help": "Labelled groups JSONL files."})
+    output: str = field(default="groups.jsonl", metadata={"help": "Merged groups JSONL to write."})
+
+
+def merge(config: MergeConfig) -> str:
+    """Merge groups by id in first-seen order: completions (de-duplicated as `aft sample` does) with their
+    labels and correctness concatenated; the other fields come from the first group of that id."""
+    from aft.data import load_groups, write_jsonl
+
+    merged: dict[str, dict] = {}
+    for path in config.inputs:
+        for group in load_groups(path)[0]:
+            into = merged.setdefault(group["id"], {**group, "completions": [], "labels": [], "correct": []})
+            seen = {" ".join(t.split()) for t in into["completions"]}
+            for i, text in enumerate(group["completions"]):
+                if " ".join(text.split()) in seen:
+                    continue
+                into["completions"].append(text)
+                into["labels"].append(group["labels"][i])
+                into["correct"].append(group.get("correct", group["labels"])[i])
+    write_jsonl(config.output, list(merged.values()))
+    print(f"merge: {len(merged)} groups from {len(config.inputs)} files")
+    return config.output
+
+
+def expand(cfg: dict) -> dict:
+    """The ``aft run`` config of an iterate config: its own stages, then each round's stages."""
+    unknown = set(cfg) - set(ROUND_KEYS) - {"run_dir", "defaults", "stages"}
+    if unknown:
+        raise ValueError(f"unknown key(s) {sorted(unknown)}; an iterate config has run_dir, defaults, stages and "
+                         f"{', '.join(ROUND_KEYS)}")
+    rounds, per_round = cfg.get("rounds"), cfg.get("questions_per_round")
+    if not isinstance(rounds, int) or rounds < 1:
+        raise ValueError(f"rounds must be a positive integer; got {rounds!r}")
+    if per_round is not None and (not isinstance(per_round, int) or per_round < 1):
+        raise ValueError(f"questions_per_round must be a positive integer; got {per_round!r}")
+    restart = cfg.get("restart", "previous")
+    if restart not in RESTART:
+        raise ValueError(f"restart must be one of {RESTART}; got {restart!r}")
+    if not cfg.get("start"):
+        raise ValueError("start: the model round 1 samples from (a stage name or a model folder)")
+    seed = int(cfg.get("defaults", {}).get("seed", 0))
+    stages = list(cfg.get("stages") or [])
+    model, labeled = cfg["start"], []
+    for r in range(1, rounds + 1):
+        name = f"round{r}"
+        questions = {"split": "train"}
+        if per_round is not None:
+            offset = (r - 1) * per_round if cfg.get("fresh_questions", True) else 0
+            questions.update(limit=per_round, offset=offset)
+        # each round its own sampling seed, so a round that samples the same questions does not redraw
+        # the same noise
+        stages.append({**(cfg.get("sample") or {}), **questions, "name": f"{name}/samples", "stage": "sample",
+                       "model": model, "seed": seed + r - 1})
+        stages.append({**(cfg.get("label") or {}), "name": f"{name}/labeled", "stage": "label",
+                       "groups": f"{name}/samples"})
+        labeled.append(f"{name}/labeled")
+        groups = labeled[-1]
+        if restart == "start" and r > 1:
+            stages.append({"name": f"{name}/union", "stage": "merge", "inputs": list(labeled)})
+            groups = f"{name}/union"
+        stages.append({**(cfg.get("align") or {}), "name": f"{name}/align", "stage": "align",
+                       "model": model if restart == "previous" else cfg["start"], "groups": groups})
+        model = f"{name}/align"
+        if cfg.get("eval") is not None:
+            stages.append({**cfg["eval"], "name": f"{name}/eval", "stage": "eval", "model": model})
+    return {"run_dir": cfg.get("run_dir", "runs/iterate"), "defaults": cfg.get("defaults", {}), "stages": stages}
+
+
+def budget(run_dir: Path, rounds: int) -> dict:
+    """What each round cost, read from its files: completions sampled, optimizer steps, seconds per stage."""
+    out = {}
+    for r in range(1, rounds + 1):
+        folder = run_dir / f"round{r}"
+        groups = [json.loads(line) for line in (folder / "samples" / "groups.jsonl").open()]
+        state = json.loads((folder / "align" / "trainer_state.json").read_text())
+        seconds = {stage.name: json.loads((stage / "DONE").read_text())["seconds"]
+                   for stage in sorted(folder.iterdir()) if (stage / "DONE").exists()}
+        out[f"round{r}"] = {"questions": len(groups), "completions_sampled": sum(g["n_sampled"] for g in groups),
+                            "optimizer_steps": state["global_step"], "seconds": seconds}
+    out["total"] = {key: sum(v[key] for v in out.values()) for key in ("completions_sampled", "optimizer_steps")}
+    return out
+
+
+def iterate(config_path: str) -> Path:
+    """Run (or continue) the rounds of an iterate config; returns the run directory."""
+    from aft.pipeline import run_config
+
+    cfg = yaml.safe_load(Path(config_path).read_text())
+    if not isinstance(cfg, dict):
+        raise ValueError(f"{config_path}: not a YAML mapping")
+    run_dir = run_config(expand(cfg))
+    spent = budget(run_dir, cfg["rounds"])
+    (run_dir / "budget.json").write_text(json.dumps(spent, indent=2) + "\n")
+    print(f"[aft iterate] {cfg['rounds']} rounds: {spent['total']['completions_sampled']} completions sampled, "
+          f"{spent['total']['optimizer_steps']} optimizer steps; {run_dir / 'budget.json'}")
+    return run_dir
+
+
+def main(argv) -> int:
+    if len(argv) != 1 or argv[0] in ("-h", "--help"):
+        print("usage: aft iterate CONFIG.yaml\n\n" + (__doc__ or ""))
+        return 0 if argv and argv[0] in ("-h", "--help") else 2
+    try:
+        iterate(argv[0])
+    except (ValueError, FileNotFoundError) as err:
+        print(f"aft iterate: error: {err}", file=sys.stderr)
+        return 1
+    return 0
