@@ -11,6 +11,7 @@ and YAML configs. Multi-GPU / multi-node runs go through ``accelerate launch`` u
 
 from __future__ import annotations
 
+import sys
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 
@@ -18,6 +19,8 @@ import torch
 from transformers import Trainer, TrainingArguments, set_seed
 
 from aft import losses
+from aft.checks import check_choice, check_config, require
+from aft.provenance import OutputFields, claim
 from aft.data import GroupCollator, SFTCollator, encode_completion, encode_prompt, load_groups, tokenize_group
 from aft.models import ModelFields, load_for_training, merge_adapter, save_for_inference
 from aft.grouped import micro_batched_backward
@@ -34,7 +37,7 @@ def _evaluates(config) -> bool:
 
 
 @dataclass
-class StageDefaults(TrainingArguments):
+class StageDefaults(OutputFields, TrainingArguments):
     """Trainer defaults that suit this project (still overridable by flag or YAML)."""
 
     output_dir: str = field(default="runs/stage", metadata={"help": "Where the trained model is saved."})
@@ -61,6 +64,7 @@ class StageDefaults(TrainingArguments):
                 "(sets load_best_model_at_end, metric_for_best_model=accuracy, save_strategy=eval_strategy)."})
 
     def __post_init__(self):
+        check_config(self)
         if self.early_stopping_patience is not None:
             if not _evaluates(self):
                 raise ValueError("early_stopping_patience needs eval_strategy 'epoch' or 'steps'")
@@ -106,12 +110,10 @@ class AlignConfig(ModelFields, StageDefaults):
 
     def __post_init__(self):
         super().__post_init__()
-        if self.loss not in ALIGN_LOSSES:
-            raise ValueError(f"loss must be one of {ALIGN_LOSSES}; got {self.loss!r}")
-        if self.constraint not in losses.CONSTRAINTS:
-            raise ValueError(f"constraint must be one of {losses.CONSTRAINTS}; got {self.constraint!r}")
-        if self.nll_on not in NLL_ON:
-            raise ValueError(f"nll_on must be one of {NLL_ON}; got {self.nll_on!r}")
+        check_choice("loss", self.loss, ALIGN_LOSSES)
+        check_choice("constraint", self.constraint, losses.CONSTRAINTS)
+        check_choice("nll_on", self.nll_on, NLL_ON)
+
 
 
 class MetricsMixin:
@@ -273,22 +275,35 @@ def _report(title, counts: Counter):
         print(f"{title}: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
 
 
+def usable_length(config, model) -> int:
+    """``max_length``, or the model's own limit on positions where that is smaller (beyond it a model reads
+    positions it never learnt: such sequences are skipped and counted, as longer than max_length are)."""
+    limit = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
+    if limit and limit < config.max_length:
+        print(f"max_length {config.max_length} is more than the model's {limit} positions: using {limit}")
+        return limit
+    return config.max_length
+
+
 def sft(config: SFTConfig) -> str:
     """Vanilla fine-tuning. Returns the folder of the saved model."""
+    require(config, "model")
+    task, examples = config.load_examples()
     set_seed(config.seed)  # before the model exists: LoRA's initial weights are drawn from it
     model, tokenizer = load_for_training(config)
-    task, examples = config.load_examples()
+    max_length = usable_length(config, model)
     features, skipped = [], Counter()
     for example in examples:
         prompt = encode_prompt(tokenizer, task.format_prompt(example))
         completion = encode_completion(tokenizer, task.reference_cot(example))
-        if len(prompt) + len(completion) > config.max_length:
+        if len(prompt) + len(completion) > max_length:
             skipped["skipped: longer than max_length"] += 1
             continue
         features.append({"prompt_ids": prompt, "completion_ids": completion})
     _report(f"sft data ({len(features)} examples)", skipped)
     if not features:
-        raise ValueError(f"no training example fits max_length={config.max_length}")
+        raise ValueError(f"no training example fits max_length={max_length}")
+    claim("sft", config)
     trainer = make_trainer(SFTTrainer, config, config.task, model=model, train_dataset=features,
                            data_collator=SFTCollator(tokenizer.pad_token_id), processing_class=tokenizer)
     trainer.train(resume_from_checkpoint=_last_checkpoint(config))
@@ -296,14 +311,14 @@ def sft(config: SFTConfig) -> str:
     return config.output_dir
 
 
-def align_features(config: AlignConfig, tokenizer):
+def align_features(config: AlignConfig, tokenizer, max_length: int | None = None):
     groups, report = load_groups(config.groups)
     features = []
     for group in groups:
         if config.max_candidates is not None:
             group = {**group, **{key: group[key][:config.max_candidates]
                                  for key in ("completions", "labels", "correct", "ref_logps") if key in group}}
-        f = tokenize_group(tokenizer, group, config.max_length, report, config.nll_on)
+        f = tokenize_group(tokenizer, group, max_length or config.max_length, report, config.nll_on)
         if f["completion_ids"] or "reference_ids" in f:
             features.append(f)
         else:
@@ -311,6 +326,9 @@ def align_features(config: AlignConfig, tokenizer):
     _report(f"align data ({len(features)} groups)", report)
     if not features:
         raise ValueError(f"{config.groups}: no usable group")
+    if config.loss != "rft" and not any(len(set(f["labels"])) > 1 for f in features):
+        print(f"warning: {config.groups}: no group has a better and a worse completion, so the {config.loss} "
+              "ranking term is zero and this run trains the NLL term only", file=sys.stderr)
     return features
 
 
@@ -331,9 +349,11 @@ def add_reference_logps(model, features, pad_id: int, batch_size: int = 16):
 
 def align(config: AlignConfig) -> str:
     """Alignment stage (AFT or a baseline). Returns the folder of the saved model."""
+    require(config, "model", "groups")
     set_seed(config.seed)  # before the model exists: LoRA's initial weights are drawn from it
     model, tokenizer = load_for_training(config)
-    features = align_features(config, tokenizer)
+    features = align_features(config, tokenizer, usable_length(config, model))
+    claim("align", config)
     if config.loss == "dpo" and any("ref_logps" not in f for f in features):
         add_reference_logps(model, features, tokenizer.pad_token_id)
     trainer = make_trainer(AlignTrainer, config, model=model, train_dataset=features,
@@ -367,11 +387,39 @@ def finish(trainer, tokenizer, config):
     trainer.accelerator.wait_for_everyone()
 
 
-def _last_checkpoint(config: TrainingArguments):
-    """Continue from the newest checkpoint in output_dir, if a killed run left one."""
-    from transformers.trainer_utils import get_last_checkpoint
-    import os
+def checkpoint_problem(folder) -> str | None:
+    """Why a ``checkpoint-N`` folder cannot be resumed from, or None. The Trainer writes the weights, then the
+    optimizer, scheduler and random states, and ``trainer_state.json`` last: a kill during the save leaves
+    it without that file, or with a weights file shorter than its header says."""
+    from pathlib import Path
 
-    if os.path.isdir(config.output_dir):
-        return get_last_checkpoint(config.output_dir)
+    from aft.checks import check_safetensors
+
+    folder = Path(folder)
+    if not (folder / "trainer_state.json").is_file():
+        return "no trainer_state.json (a save cut short)"
+    weights = sorted(folder.glob("*.safetensors"))
+    if not weights:
+        return "no .safetensors weights"
+    for path in weights:
+        problem = check_safetensors(path)
+        if problem:
+            return f"{path.name} is damaged ({problem})"
+    return None
+
+
+def _last_checkpoint(config: TrainingArguments):
+    """Continue from the newest complete checkpoint in output_dir, if a killed run left one; say which
+    newer ones are skipped, and why."""
+    import re
+    from pathlib import Path
+
+    folder = Path(config.output_dir)
+    found = [p for p in folder.glob("checkpoint-*") if p.is_dir() and re.fullmatch(r"checkpoint-\d+", p.name)] \
+        if folder.is_dir() else []
+    for path in sorted(found, key=lambda p: int(p.name.split("-")[1]), reverse=True):
+        problem = checkpoint_problem(path)
+        if problem is None:
+            return str(path)
+        print(f"resume: skipping {path}: {problem}", file=sys.stderr)
     return None

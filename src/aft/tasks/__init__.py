@@ -51,7 +51,22 @@ def load_task(name: str, **kwargs) -> Task:
     kwargs = {**options, **kwargs}
     if name not in TASKS:
         raise ValueError(f"unknown task {name!r}; choose from {', '.join(sorted(TASKS))}")
+    _check_options(name, kwargs)
     return TASKS[name](**kwargs)
+
+
+def _check_options(name: str, kwargs: dict) -> None:
+    """Unknown options, and values of another type than the option's default, named before use."""
+    import inspect
+
+    params = {p.name: p.default for p in list(inspect.signature(TASKS[name]).parameters.values())}
+    for key, value in kwargs.items():
+        if key not in params:
+            raise ValueError(f"task {name!r} has no option {key!r}; its options: {', '.join(params) or 'none'}")
+        default = params[key]
+        if isinstance(default, (int, float)) and not isinstance(default, bool) and (
+                isinstance(value, bool) or not isinstance(value, (int, float))):
+            raise ValueError(f"task option {key}={value!r} must be a number")
 
 
 @dataclass
@@ -66,8 +81,13 @@ class TaskFields:
 
     def load_examples(self):
         """The task object and the examples of ``split``."""
+        from aft.data import DataError
+
         task = load_task(self.task)
-        return task, task.load(self.split, path=self.data_path, limit=self.limit)
+        examples = task.load(self.split, path=self.data_path, limit=self.limit)
+        if not examples:
+            raise DataError(f"{self.data_path or self.task}: no questions in split {self.split!r}")
+        return task, examples
 
 
 __all__ = ["TaskFields", "TASKS", "Task", "load_task", "AQuATask", "ArithmeticTask", "ECQATask", "GSM8KTask"]
