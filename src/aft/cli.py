@@ -36,15 +36,21 @@ def _parser(command: str, config_class):
         def error(self, message):
             raise UsageError(f"{message} (see `aft {command} --help`)")
 
-    parser = Parser(config_class, prog=f"aft {command}", description=(config_class.__doc__ or "").strip())
-    if issubclass(config_class, TrainingArguments):
-        own = {name for cls in config_class.__mro__ if cls not in TrainingArguments.__mro__
-               for name in getattr(cls, "__annotations__", {})}
-        trainer = parser.add_argument_group("Trainer options (transformers.TrainingArguments)")
-        options = parser._optionals._group_actions
-        for action in [a for a in options if a.dest not in own and a.dest != "help"]:
+    parser = Parser(config_class, prog=f"aft {command}", usage=f"aft {command} [CONFIG.yaml] [--flag VALUE ...]",
+                    description=(config_class.__doc__ or "").strip())
+    # the stage's own fields first (the most derived class's first), then any Trainer option under a heading
+    mro = [cls for cls in config_class.__mro__ if cls not in TrainingArguments.__mro__]
+    rank = {}
+    for position, cls in reversed(list(enumerate(mro))):
+        rank.update({name: position for name in getattr(cls, "__annotations__", {})})
+    options = parser._optionals._group_actions
+    trainer = [a for a in options if a.dest not in rank and a.dest != "help"]
+    options.sort(key=lambda a: -1 if a.dest == "help" else rank.get(a.dest, len(mro)))
+    if trainer:
+        group = parser.add_argument_group("Trainer options (transformers.TrainingArguments)")
+        for action in trainer:
             options.remove(action)
-            trainer._group_actions.append(action)
+            group._group_actions.append(action)
     return parser
 
 

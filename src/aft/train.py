@@ -90,7 +90,7 @@ class AlignConfig(ModelFields, StageDefaults):
     """Alignment on labelled groups: AFT or a baseline, each with or without a constraint."""
 
     groups: str = field(default="", metadata={"help": "Labelled groups JSONL (see `aft.data`)."})
-    loss: str = field(default="aft", metadata={"help": f"One of {ALIGN_LOSSES}. rft is NLL only."})
+    loss: str = field(default="aft", metadata={"help": f"One of {', '.join(ALIGN_LOSSES)}. rft is NLL only."})
     constraint: str = field(default="boundary", metadata={"help": "boundary, detach or none."})
     beta: float = field(default=0.5, metadata={"help": "Boundary margin: B = min better score - beta."})
     dpo_beta: float = field(default=0.1, metadata={"help": "DPO's temperature on the reward margin."})
