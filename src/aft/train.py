@@ -152,6 +152,36 @@ class HeldOutEvalMixin:
         return metrics
 
 
+class ResumeMixin:
+    """Resuming from a checkpoint without the Trainer's two surprises: a warning that tied weights (an
+    ``lm_head`` that is the embedding matrix, stored once) are "missing", and a ``train_loss`` averaged over
+    the resumed steps only. Here it is the mean over the whole run, from the losses logged before the
+    checkpoint (exact when the checkpoint's step is a logging step, as with save_steps a multiple of
+    logging_steps; else left as the Trainer computes it)."""
+
+    def _issue_warnings_after_load(self, load_result):
+        params = dict(self.model.named_parameters(remove_duplicate=False))
+        loaded = {id(p) for name, p in params.items() if name not in load_result.missing_keys}
+        tied = {k for k in load_result.missing_keys if k in params and id(params[k]) in loaded}
+        if tied and hasattr(load_result, "_replace"):
+            load_result = load_result._replace(missing_keys=[k for k in load_result.missing_keys if k not in tied])
+        super()._issue_warnings_after_load(load_result)
+
+    def train(self, *args, **kwargs):
+        output = super().train(*args, **kwargs)
+        start, end = getattr(self, "_initial_global_step", 0), self.state.global_step
+        logged = sorted((h["step"], h["loss"]) for h in self.state.log_history if "loss" in h and h["step"] <= start)
+        if not (0 < start < end) or not logged or logged[-1][0] != start:
+            return output
+        before = sum(loss * (step - prev) for (prev, _), (step, loss) in zip([(0, 0.0)] + logged, logged))
+        whole = (before + output.training_loss * (end - start)) / end
+        output.metrics["train_loss"] = whole
+        for entry in self.state.log_history:
+            if "train_loss" in entry:
+                entry["train_loss"] = whole
+        return output._replace(training_loss=whole)
+
+
 def held_out(config, default_task: str | None = None):
     """(task, examples, groups) that training evaluates on, or None when evaluation is off."""
     from aft.tasks import load_task
@@ -177,7 +207,7 @@ def make_trainer(cls, config, default_task=None, **kwargs):
     return trainer
 
 
-class SFTTrainer(HeldOutEvalMixin, MetricsMixin, Trainer):
+class SFTTrainer(ResumeMixin, HeldOutEvalMixin, MetricsMixin, Trainer):
     """Token-level NLL of the completion, through the same chunked scorer the alignment losses use."""
 
     loss_is_scaled_for_ga = False  # our loss is a per-micro-batch mean: the Trainer divides by accumulation steps
@@ -189,7 +219,7 @@ class SFTTrainer(HeldOutEvalMixin, MetricsMixin, Trainer):
         return (loss, {}) if return_outputs else loss
 
 
-class AlignTrainer(HeldOutEvalMixin, MetricsMixin, Trainer):
+class AlignTrainer(ResumeMixin, HeldOutEvalMixin, MetricsMixin, Trainer):
     """``compute_loss`` scores every candidate of each group and calls the pure loss of ``args.loss``."""
 
     # Our loss is a per-micro-batch mean. Without this the Trainer, seeing a "labels" key and a model whose
