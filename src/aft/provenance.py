@@ -169,11 +169,12 @@ def _remove(path: Path):
         path.unlink()
 
 
-def claim(stage: str, config, also: tuple[Path, ...] = ()) -> None:
+def claim(stage: str, config, also: tuple[Path, ...] = (), write: bool = True) -> None:
     """Make sure ``stage`` may write its output (and the files ``also`` beside it), then record what makes it.
 
     Raises ``AftError`` (nothing changed on disk) when the output is not this stage's own or was made with
-    other settings and ``config.overwrite`` is off. Only the main process of a multi-process run writes.
+    other settings and ``config.overwrite`` is off. Only the main process of a multi-process run writes;
+    ``write=False`` only checks (a stage that loads a model first checks before it, claims after).
     """
     output, folder = output_of(config)
     if folder and output.exists() and not output.is_dir():
@@ -199,7 +200,7 @@ def claim(stage: str, config, also: tuple[Path, ...] = ()) -> None:
             raise AftError(f"{output} was made with other settings: {'; '.join(changed)}. Pass --overwrite to "
                            "replace it, or choose another output")
         stale_files = [output, *also] if overwrite else []
-    if int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0"))) != 0:
+    if not write or int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0"))) != 0:
         return
     for path in stale_files:
         _remove(path)

@@ -318,6 +318,7 @@ def usable_length(config, model) -> int:
 def sft(config: SFTConfig) -> str:
     """Vanilla fine-tuning. Returns the folder of the saved model."""
     require(config, "model")
+    claim("sft", config, write=False)  # refused before the model loads
     task, examples = config.load_examples()
     set_seed(config.seed)  # before the model exists: LoRA's initial weights are drawn from it
     model, tokenizer = load_for_training(config)
@@ -341,8 +342,8 @@ def sft(config: SFTConfig) -> str:
     return config.output_dir
 
 
-def align_features(config: AlignConfig, tokenizer, max_length: int | None = None):
-    groups, report = load_groups(config.groups)
+def align_features(config: AlignConfig, tokenizer, max_length: int | None = None, loaded=None):
+    groups, report = loaded or load_groups(config.groups)
     features = []
     for group in groups:
         if config.max_candidates is not None:
@@ -380,9 +381,11 @@ def add_reference_logps(model, features, pad_id: int, batch_size: int = 16):
 def align(config: AlignConfig) -> str:
     """Alignment stage (AFT or a baseline). Returns the folder of the saved model."""
     require(config, "model", "groups")
+    claim("align", config, write=False)  # refused before the model loads
+    loaded = load_groups(config.groups)  # a bad line stops here, before the model loads
     set_seed(config.seed)  # before the model exists: LoRA's initial weights are drawn from it
     model, tokenizer = load_for_training(config)
-    features = align_features(config, tokenizer, usable_length(config, model))
+    features = align_features(config, tokenizer, usable_length(config, model), loaded)
     claim("align", config)
     if config.loss == "dpo" and any("ref_logps" not in f for f in features):
         add_reference_logps(model, features, tokenizer.pad_token_id)
