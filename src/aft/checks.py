@@ -72,10 +72,6 @@ def check_config(config) -> None:
                            f"{' or null' if 'None' in names else ''}, got {value!r}")
         if f.name in CHOICES:
             check_choice(f.name, value, CHOICES[f.name])
-        if f.name == "model" and value:
-            check_model(value, "--model", tokenizer=not getattr(config, "tokenizer", None))
-        if f.name == "tokenizer" and value:
-            check_model(value, "--tokenizer", weights=False)
         if f.name in ("task", "eval_task") and value:
             from aft.tasks import load_task
 
@@ -91,10 +87,16 @@ def check_config(config) -> None:
 
 
 def require(config, *names: str) -> None:
-    """Fields a stage cannot run without (the configs themselves may be built without them, e.g. as Trainer args)."""
+    """Fields a stage cannot run without, and its model folder complete: checked when the stage starts, as
+    its inputs may not exist yet when the config is built (``aft run`` builds a stage's config ahead of it;
+    the configs are Trainer arguments in tests, without a model)."""
     for name in names:
         if not getattr(config, name):
             raise AftError(f"--{name} is required (see the stage's --help)")
+    if "model" in names:
+        check_model(config.model, "--model", tokenizer=not config.tokenizer)
+        if config.tokenizer:
+            check_model(config.tokenizer, "--tokenizer", weights=False)
 
 
 def check_choice(name: str, value, choices) -> None:

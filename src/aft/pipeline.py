@@ -141,6 +141,8 @@ def run_config(cfg: dict, overwrite: bool = False) -> Path:
     naming them; with ``overwrite`` it is run again, and so is every later stage its new output feeds."""
     from aft import provenance
 
+    overwrite = overwrite or bool(cfg.get("overwrite"))
+
     run_dir = Path(cfg.get("run_dir", "runs/run"))
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
