@@ -165,6 +165,7 @@ CASES = [
     ("--top_p 2", [*S, "--top_p", "2"], 1, "--top_p", None),
     ("--batch_size 0", [*S, "--batch_size", "0"], 1, "--batch_size", None),
     ("--temperature -1", [*S, "--temperature", "-1"], 1, "--temperature", None),
+    ("--temperature 0 --k 2", [*S, "--temperature", "0", "--k", "2"], 1, "--k", None),
     ("--beta -1", [*A, "--beta", "-1"], 1, "--beta", None),
     ("--nll_weight -5", [*A, "--nll_weight", "-5"], 1, "--nll_weight", None),
     ("--lora_r -4", [*A, "--lora_r", "-4"], 1, "--lora_r", None),

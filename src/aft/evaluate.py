@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 from aft.checks import check_config, require
 from aft.data import SFTCollator, encode_completion, encode_prompt, load_groups, positives, write_jsonl
 from aft.losses import pair_mask
-from aft.models import ModelFields, load_model, load_tokenizer
+from aft.models import ModelFields, load_model, load_tokenizer, usable_length
 from aft.sample import generate_batch, plan_batches
 from aft.scoring import completion_logprobs, sequence_scores
 from aft.provenance import OutputFields, claim
@@ -170,7 +170,7 @@ def evaluate(config: EvalConfig) -> dict:
         metrics["vote_accuracy"] = sum(task.is_correct(t, e) for t, e in zip(winners, examples)) / len(examples)
         metrics["vote_samples"] = config.vote_samples
     if groups:
-        scores = score_groups(model, tokenizer, groups, config.max_length)
+        scores = score_groups(model, tokenizer, groups, usable_length(config.max_length, model))
         metrics.update(assessment_accuracy(groups, scores))
         _write_scores(out.with_name("scores.jsonl"), groups, scores)
     write_jsonl(out.with_name("predictions.jsonl"), records)

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from aft.checks import check_choice, check_config, require
+from aft.checks import AftError, check_choice, check_config, require
 from aft.data import DataError, encode_prompt, read_jsonl, write_jsonl
 from aft.models import ModelFields, load_model, load_tokenizer
 from aft.provenance import OutputFields, claim
@@ -40,6 +40,8 @@ class SampleConfig(OutputFields, ModelFields, TaskFields):
     def __post_init__(self):
         check_config(self)
         check_choice("backend", self.backend, ("hf", "vllm"))
+        if self.temperature == 0 and self.k > 1:
+            raise AftError("--temperature 0 is greedy decoding: one completion per question, so --k must be 1")
 
 
 def truncate_at_stop(text: str, stops=("\nQuestion:",)) -> str:

@@ -22,7 +22,7 @@ from aft import losses
 from aft.checks import check_choice, check_config, require
 from aft.provenance import OutputFields, claim
 from aft.data import GroupCollator, SFTCollator, encode_completion, encode_prompt, load_groups, tokenize_group
-from aft.models import ModelFields, load_for_training, merge_adapter, save_for_inference
+from aft.models import ModelFields, load_for_training, merge_adapter, save_for_inference, usable_length
 from aft.grouped import micro_batched_backward
 from aft.tasks import TaskFields
 from aft.scoring import completion_logprobs, is_wrapped, sequence_scores
@@ -305,16 +305,6 @@ def _report(title, counts: Counter):
         print(f"{title}: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
 
 
-def usable_length(config, model) -> int:
-    """``max_length``, or the model's own limit on positions where that is smaller (beyond it a model reads
-    positions it never learnt: such sequences are skipped and counted, as longer than max_length are)."""
-    limit = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
-    if limit and limit < config.max_length:
-        print(f"max_length {config.max_length} is more than the model's {limit} positions: using {limit}")
-        return limit
-    return config.max_length
-
-
 def sft(config: SFTConfig) -> str:
     """Vanilla fine-tuning. Returns the folder of the saved model."""
     require(config, "model")
@@ -322,7 +312,7 @@ def sft(config: SFTConfig) -> str:
     task, examples = config.load_examples()
     set_seed(config.seed)  # before the model exists: LoRA's initial weights are drawn from it
     model, tokenizer = load_for_training(config)
-    max_length = usable_length(config, model)
+    max_length = usable_length(config.max_length, model)
     features, skipped = [], Counter()
     for example in examples:
         prompt = encode_prompt(tokenizer, task.format_prompt(example))
@@ -385,7 +375,7 @@ def align(config: AlignConfig) -> str:
     loaded = load_groups(config.groups)  # a bad line stops here, before the model loads
     set_seed(config.seed)  # before the model exists: LoRA's initial weights are drawn from it
     model, tokenizer = load_for_training(config)
-    features = align_features(config, tokenizer, usable_length(config, model), loaded)
+    features = align_features(config, tokenizer, usable_length(config.max_length, model), loaded)
     claim("align", config)
     if config.loss == "dpo" and any("ref_logps" not in f for f in features):
         add_reference_logps(model, features, tokenizer.pad_token_id)
