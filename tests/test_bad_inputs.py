@@ -130,6 +130,7 @@ NO_NET = {"HF_HUB_OFFLINE": "1", "HF_HOME": "hf", "HF_DATASETS_CACHE": "hf/datas
 # (case, argv, exit status, what stderr must name, extra environment)
 CASES = [
     ("--model: no such path", [*S[:2], "no/such/model", *S[3:]], 1, "no/such/model", None),
+    ("--model: a name that is no folder, no network", [*S[:2], "vft_typo", *S[3:]], 1, "vft_typo", NO_NET),
     ("--model: an empty folder", [*S[:2], "empty_model", *S[3:]], 1, "empty_model", None),
     ("--model: no tokenizer", [*S[:2], "no_tokenizer", *S[3:]], 1, "no_tokenizer", None),
     ("--model: truncated safetensors", [*S[:2], "truncated", *S[3:]], 1, "truncated", None),

@@ -33,7 +33,9 @@ RANGES = {
     "top_p": (lambda v: 0 < v <= 1, "in (0, 1]"),
     "beta": _NON_NEGATIVE, "dpo_beta": _POSITIVE, "nll_weight": _NON_NEGATIVE, "align_weight": _NON_NEGATIVE,
     "lora_r": _NON_NEGATIVE, "lora_alpha": _POSITIVE, "lora_dropout": (lambda v: 0 <= v < 1, "in [0, 1)"),
-    "early_stopping_patience": _AT_LEAST_1,
+    "early_stopping_patience": _AT_LEAST_1, "per_device_train_batch_size": _AT_LEAST_1,
+    "per_device_eval_batch_size": _AT_LEAST_1, "gradient_accumulation_steps": _AT_LEAST_1,
+    "learning_rate": _NON_NEGATIVE, "warmup_steps": _NON_NEGATIVE, "weight_decay": _NON_NEGATIVE,
 }
 CHOICES = {"model_dtype": ("float32", "bfloat16", "float16", "auto")}
 _SIMPLE = {"int": int, "float": float, "str": str, "bool": bool}
@@ -104,6 +106,22 @@ def check_choice(name: str, value, choices) -> None:
         raise AftError(f"--{name} must be one of {', '.join(map(str, choices))}; got {value!r}")
 
 
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """False when HF_HUB_OFFLINE is set or the hub's host cannot be reached within ``timeout`` seconds."""
+    import os
+    import socket
+    from urllib.parse import urlparse
+
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on"):
+        return False
+    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
 def _looks_like_a_path(name: str) -> bool:
     """A hub id is ``name`` or ``org/name``; anything else (``./x``, ``/x``, ``a/b/c``) is meant as a folder."""
     return name.startswith((".", "/", "~")) or name.count("/") > 1 or "\\" in name
@@ -140,6 +158,11 @@ def check_model(name: str, flag: str, weights: bool = True, tokenizer: bool = Tr
     if not path.exists():
         if _looks_like_a_path(name):
             raise AftError(f"{flag} {name}: no such folder")
+        from huggingface_hub import try_to_load_from_cache
+
+        if not isinstance(try_to_load_from_cache(name, "config.json" if weights else "tokenizer_config.json"), str) \
+                and not hub_reachable():
+            raise AftError(f"{flag} {name}: no such folder, and no network to fetch it from the Hugging Face hub")
         return
     if not path.is_dir():
         raise AftError(f"{flag} {name}: is a file; give the model's folder")

@@ -149,11 +149,11 @@ def read_manifest(config) -> dict | None:
 
 def stale(stage: str, config) -> list[str]:
     """The changed keys that stop a rerun into this config's output (empty: same settings or no output)."""
+    output, folder = output_of(config)
+    if not _occupied(output, folder):
+        return []
     old = read_manifest(config)
-    if old is None:
-        output, folder = output_of(config)
-        return ["(no manifest: not made by aft)"] if _occupied(output, folder) else []
-    return changes(old, record(stage, config))
+    return ["(no manifest: not made by aft)"] if old is None else changes(old, record(stage, config))
 
 
 def _occupied(output: Path, folder: bool) -> bool:

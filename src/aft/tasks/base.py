@@ -21,6 +21,7 @@ from decimal import Decimal, InvalidOperation
 from pathlib import Path
 
 from aft import data
+from aft.checks import hub_reachable
 
 # ---------------------------------------------------------------------------------------------------
 # Numbers
@@ -258,22 +259,6 @@ def read_jsonl(path: str | Path):
     """Yield (where, row) for each non-blank line; ``where`` is "file:line" for error messages."""
     for number, row in data.read_jsonl(path):  # the one JSONL reader: bad lines raise DataError (a ValueError)
         yield f"{path}:{number}", row
-
-
-def hub_reachable(timeout: float = 3.0) -> bool:
-    """False when HF_HUB_OFFLINE is set or the hub's host cannot be reached within ``timeout`` seconds."""
-    import os
-    import socket
-    from urllib.parse import urlparse
-
-    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on"):
-        return False
-    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname
-    try:
-        socket.create_connection((host, 443), timeout=timeout).close()
-        return True
-    except OSError:
-        return False
 
 
 class Task:
