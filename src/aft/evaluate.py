@@ -21,9 +21,9 @@ from aft.checks import check_config, require
 from aft.data import SFTCollator, encode_completion, encode_prompt, load_groups, positives, write_jsonl
 from aft.losses import pair_mask
 from aft.models import ModelFields, load_model, load_tokenizer, usable_length
+from aft.provenance import OutputFields, claim
 from aft.sample import generate_batch, plan_batches
 from aft.scoring import completion_logprobs, sequence_scores
-from aft.provenance import OutputFields, claim
 from aft.tasks import TaskFields
 
 
