@@ -373,5 +373,6 @@ def main(argv=None) -> int:
     parser.add_argument("--report", action="store_true", help="Only rewrite the report from the runs on disk.")
     parser.add_argument("--overwrite", action="store_true", help="Run again the stages whose settings changed.")
     args = parser.parse_args(argv)
-    study(args.config, args.report, command=f"aft study {args.config}", overwrite=args.overwrite)  # errors: one line from aft.cli.main
+    # errors: one line from aft.cli.main
+    study(args.config, args.report, command=f"aft study {args.config}", overwrite=args.overwrite)
     return 0
