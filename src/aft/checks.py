@@ -167,7 +167,7 @@ def check_model(name: str, flag: str, weights: bool = True, tokenizer: bool = Tr
     if not path.is_dir():
         raise AftError(f"{flag} {name}: is a file; give the model's folder")
     files = {p.name for p in path.iterdir()}
-    if weights and "config.json" not in files:
+    if weights and not files & {"config.json", "adapter_config.json"}:
         raise AftError(f"{flag} {name}: no config.json, not a model folder")
     if weights:
         shards = sorted(path.glob("*.safetensors"))
