@@ -269,7 +269,12 @@ def test_align_killed_between_checkpoints_and_in_a_save(forks, work, tmp_path):
             "1", "--learning_rate", "1e-2", "--seed", "5", "--report_to", "none"]
     assert forks.run([*argv, "--output_dir", "whole"], tmp_path)[0] == 0
     out = tmp_path / "killed"
-    ready = lambda: (out / "checkpoint-3" / "trainer_state.json").exists()  # noqa: E731
+    def ready():  # checkpoint-3 complete: its trainer_state.json, written last, whole
+        try:
+            return "global_step" in json.loads((out / "checkpoint-3" / "trainer_state.json").read_text())
+        except (OSError, ValueError):
+            return False
+
     assert _kill_when(forks, [*argv, "--output_dir", "killed"], tmp_path, ready) == -signal.SIGKILL
     assert not (out / "model.safetensors").exists()
     # a kill during the next save: a checkpoint-6 with half its weights and no trainer_state.json
@@ -278,8 +283,12 @@ def test_align_killed_between_checkpoints_and_in_a_save(forks, work, tmp_path):
     partial.mkdir()
     data = (out / "checkpoint-3" / "model.safetensors").read_bytes()
     (partial / "model.safetensors").write_bytes(data[: len(data) // 2])
+    cut = out / "checkpoint-9"  # and one killed while writing its trainer_state.json, the last file of a save
+    shutil.copytree(out / "checkpoint-3", cut)
+    (cut / "trainer_state.json").write_text((cut / "trainer_state.json").read_text()[:40])
     rc, _, err = forks.run([*argv, "--output_dir", "killed"], tmp_path)
-    assert rc == 0 and "skipping" in err and "checkpoint-6" in err and "trainer_state.json" in err
+    assert rc == 0 and "skipping" in err and "checkpoint-6: no trainer_state.json" in err
+    assert "checkpoint-9: trainer_state.json cut short" in err
     assert "missing keys" not in err  # the tied lm_head is not reported as missing on resume
     whole, resumed = _weights(tmp_path / "whole"), _weights(out)
     assert max((whole[k] - resumed[k]).abs().max().item() for k in whole) < 1e-6

@@ -413,7 +413,8 @@ def finish(trainer, tokenizer, config):
 def checkpoint_problem(folder) -> str | None:
     """Why a ``checkpoint-N`` folder cannot be resumed from, or None. The Trainer writes the weights, then the
     optimizer, scheduler and random states, and ``trainer_state.json`` last: a kill during the save leaves
-    it without that file, or with a weights file shorter than its header says."""
+    it without that file, with that file cut short, or with a weights file shorter than its header says."""
+    import json
     from pathlib import Path
 
     from aft.checks import check_safetensors
@@ -421,6 +422,10 @@ def checkpoint_problem(folder) -> str | None:
     folder = Path(folder)
     if not (folder / "trainer_state.json").is_file():
         return "no trainer_state.json (a save cut short)"
+    try:
+        json.loads((folder / "trainer_state.json").read_text())
+    except (ValueError, UnicodeDecodeError):
+        return "trainer_state.json cut short"
     weights = sorted(folder.glob("*.safetensors"))
     if not weights:
         return "no .safetensors weights"
