@@ -26,3 +26,53 @@ def test_missing_groups_file_prints_one_error_line(tmp_path, capsys):
     err = capsys.readouterr().err
     assert code != 0
     assert err.startswith("aft label: error:") and "Traceback" not in err
+
+
+def test_stage_usage_and_help_show_the_stage_flags_first(capsys):
+    import pytest
+
+    with pytest.raises(SystemExit):
+        main(["align", "--help"])
+    out = capsys.readouterr().out
+    assert out.startswith("usage: aft align ")
+    trainer = out.index("Trainer options (transformers.TrainingArguments)")
+    order = [out.index(flag) for flag in ("--beta", "--model", "--max_length")] + [trainer, out.index("--warmup_steps")]
+    assert order == sorted(order)
+    assert "One of aft, rft, rrhf, pro, dpo" in out and "('aft'" not in out
+
+
+def test_yaml_keys_and_flags_combine_flags_win(tmp_path):
+    from aft.cli import parse_config
+    from aft.train import AlignConfig
+
+    cfg = tmp_path / "align.yaml"
+    cfg.write_text("groups: g.jsonl\nbeta: 0.5\nloss: rrhf\noutput_dir: out\n")
+    config = parse_config(AlignConfig, [str(cfg), "--beta", "0.1", "--nll-weight", "2"], "align")
+    assert (config.beta, config.nll_weight, config.loss, config.groups) == (0.1, 2.0, "rrhf", "g.jsonl")
+
+
+def test_usage_error_is_one_line_exit_2_and_debug_shows_the_traceback(capsys):
+    import pytest
+
+    from aft.checks import AftError
+
+    assert main(["sample", "--k", "abc"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("aft sample: error: argument --k: invalid int value")
+    with pytest.raises(AftError, match="--k must be at least 1"):
+        main(["sample", "--k", "0", "--debug"])
+
+
+def test_settings_that_do_not_change_results_are_not_compared(tmp_path):
+    from aft.provenance import changes, record
+    from aft.train import AlignConfig
+
+    def rec(**kw):
+        return record("align", AlignConfig(groups="g.jsonl", report_to="none", **kw))
+
+    base = rec(output_dir=str(tmp_path / "a"))
+    same = rec(output_dir=str(tmp_path / "b"), logging_steps=1, save_steps=7, save_strategy="steps",
+               dataloader_num_workers=2, disable_tqdm=True, overwrite=True)
+    assert changes(base, same) == []
+    changed = changes(base, rec(output_dir=str(tmp_path / "a"), beta=0.1, seed=3))
+    assert changed == ["beta (0.5 -> 0.1)", "seed (42 -> 3)"]

@@ -12,13 +12,16 @@ from aft.tasks import TASKS, load_task
 from aft.tasks.base import check_equations, extract_letter, extract_number, normalize_number, safe_eval
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+SAMPLE = Path(__file__).resolve().parent / "data"  # the first lines of each, shipped (tests/data/README.md)
 
 
 def _needs(folder: str) -> Path:
-    path = DATA / folder
-    if not path.is_dir():
-        pytest.skip(f"reference data {path} not present (see ../shared/data/README.md)")
-    return path
+    """The full reference files where present (../shared/data), else the samples shipped with the tests."""
+    return DATA / folder if (DATA / folder).is_dir() else SAMPLE / folder
+
+
+def _full(path: Path) -> bool:
+    return path.parent == DATA
 
 
 def test_load_task_knows_the_four_tasks_and_names_them_on_error():
@@ -36,7 +39,7 @@ def test_load_task_knows_the_four_tasks_and_names_them_on_error():
 def test_gsm8k_gold_solutions_are_correct(split):
     task = load_task("gsm8k")
     examples = task.load(split, path=_needs("gsm8k"))
-    assert len(examples) > 1000 and len({ex["id"] for ex in examples}) == len(examples)
+    assert len(examples) > (1000 if _full(_needs("gsm8k")) else 10) and len({ex["id"] for ex in examples}) == len(examples)
     for ex in examples:
         target = task.reference_cot(ex)
         assert target.startswith(" ") and "<<" not in target
@@ -56,7 +59,7 @@ def test_gsm8k_reference_drops_annotations_but_keeps_lines():
 
 def test_gsm8k_annotations_verify_and_a_wrong_step_is_caught():
     task = load_task("gsm8k")
-    examples = task.load("train", path=_needs("gsm8k")) + task.load("test", path=DATA / "gsm8k")
+    examples = task.load("train", path=_needs("gsm8k")) + task.load("test", path=_needs("gsm8k"))
     steps = [task.check_steps(ex["solution"]) for ex in examples]
     with_wrong = sum(wrong > 0 for _, wrong in steps)
     # Real GSM8K has a few arithmetic slips in its written text (28 of 8,792 solutions when this was
@@ -66,7 +69,7 @@ def test_gsm8k_annotations_verify_and_a_wrong_step_is_caught():
     assert sum(checked for checked, _ in steps) > 3 * len(examples)  # most steps are checked
     annotations = ["\n".join(re.findall(r"<<[^<>]*>>", ex["solution"])) for ex in examples]
     annotation_steps = [task.check_steps(text) for text in annotations]
-    assert sum(checked for checked, _ in annotation_steps) > 25_000
+    assert sum(checked for checked, _ in annotation_steps) > (25_000 if _full(_needs("gsm8k")) else 2 * len(examples))
     assert sum(wrong for _, wrong in annotation_steps) == 0
 
     first = examples[0]["solution"]  # "Natalia sold 48/2 = <<48/2=24>>24 clips in May. ..."
@@ -80,7 +83,7 @@ def test_gsm8k_annotations_verify_and_a_wrong_step_is_caught():
 def test_aqua_gold_rationales_are_correct(split):
     task = load_task("aqua")
     examples = task.load(split, path=_needs("aqua"))
-    assert len(examples) == 254
+    assert len(examples) == (254 if _full(_needs("aqua")) else 30)
     for ex in examples:
         target = task.reference_cot(ex)
         assert target.startswith(" ")

@@ -14,47 +14,96 @@
 
 Flags come from each stage's config dataclass (``transformers.HfArgumentParser``), so every flag is also
 a YAML key: ``aft sft config.yaml`` reads the same fields from a file. Dashes and underscores are both
-accepted (``--lora-r`` = ``--lora_r``).
+accepted (``--lora-r`` = ``--lora_r``). Flags after the file override its keys (``aft align cfg.yaml --beta 0.1``).
+
+Every error a user can cause (a bad flag, file, line or field) ends the command with one line
+``aft STAGE: error: ...`` and exit status 1 (2 for a usage error); ``--debug`` shows the traceback instead.
 """
 
 from __future__ import annotations
 
 import sys
 
+from aft.checks import AftError, UsageError
 
-def _stages():
-    from aft.evaluate import EvalConfig, evaluate
-    from aft.grpo import GRPOConfig, grpo
-    from aft.label import LabelConfig, label
-    from aft.sample import SampleConfig, sample
-    from aft.train import AlignConfig, SFTConfig, align, sft
-
-    return {
-        "sft": (SFTConfig, sft, "Vanilla fine-tuning (VFT) on reference chains of thought."),
-        "sample": (SampleConfig, sample, "Sample k chains of thought per question (resumable)."),
-        "label": (LabelConfig, label, "Label sampled chains of thought: binary, step-verified or given scores."),
-        "align": (AlignConfig, align, "Alignment: AFT or a baseline (rft, rrhf, pro, dpo), with a constraint."),
-        "eval": (EvalConfig, evaluate, "Accuracy, majority-vote accuracy and assessment accuracy."),
-        **({"grpo": (GRPOConfig, grpo, "GRPO (TRL) rewarded by the task's answer checker: an on-policy baseline.")}
-           if GRPOConfig is not None else {}),
-    }
+CONFIG_SUFFIXES = (".yaml", ".yml", ".json")
 
 
-def parse_config(config_class, argv):
-    """A stage config from flags, or from one YAML/JSON file given as the only argument."""
-    from transformers import HfArgumentParser
+def _parser(command: str, config_class):
+    """The stage's flag parser: usage ``aft COMMAND ...``, a usage error raised (not a 100-line dump and
+    exit), and for the training stages their own flags first, the Trainer's after a heading."""
+    from transformers import HfArgumentParser, TrainingArguments
 
-    parser = HfArgumentParser(config_class)
-    if len(argv) == 1 and argv[0].endswith((".yaml", ".yml")):
-        return parser.parse_yaml_file(argv[0])[0]
-    if len(argv) == 1 and argv[0].endswith(".json"):
-        return parser.parse_json_file(argv[0])[0]
-    return parser.parse_args_into_dataclasses(args=argv)[0]
+    class Parser(HfArgumentParser):
+        def error(self, message):
+            raise UsageError(f"{message} (see `aft {command} --help`)")
+
+    parser = Parser(config_class, prog=f"aft {command}", usage=f"aft {command} [CONFIG.yaml] [--flag VALUE ...]",
+                    description=(config_class.__doc__ or "").strip())
+    # the stage's own fields first (the most derived class's first), then any Trainer option under a heading
+    mro = [cls for cls in config_class.__mro__ if cls not in TrainingArguments.__mro__]
+    rank = {}
+    for position, cls in reversed(list(enumerate(mro))):
+        rank.update({name: position for name in getattr(cls, "__annotations__", {})})
+    options = parser._optionals._group_actions
+    trainer = [a for a in options if a.dest not in rank and a.dest != "help"]
+    options.sort(key=lambda a: -1 if a.dest == "help" else rank.get(a.dest, len(mro)))
+    if trainer:
+        group = parser.add_argument_group("Trainer options (transformers.TrainingArguments)")
+        for action in trainer:
+            options.remove(action)
+            group._group_actions.append(action)
+    return parser
 
 
-USAGE = """usage: aft <command> [flags] | aft <command> CONFIG.yaml | aft <command> --help
+def _read_config_file(path: str) -> dict:
+    import json
 
-Alignment Fine-Tuning (AFT, arXiv 2309.02144) for LLM reasoners.
+    import yaml
+
+    try:
+        with open(path, encoding="utf-8") as f:
+            values = json.load(f) if path.endswith(".json") else yaml.safe_load(f)
+    except FileNotFoundError:
+        raise AftError(f"{path}: no such config file") from None
+    except (yaml.YAMLError, json.JSONDecodeError) as err:
+        raise AftError(f"{path}: not valid {'JSON' if path.endswith('.json') else 'YAML'}: "
+                       + " ".join(str(err).split())) from None
+    except UnicodeDecodeError as err:
+        raise AftError(f"{path}: not valid UTF-8 (byte {err.start})") from None
+    if not isinstance(values, dict):
+        raise AftError(f"{path}: expected a mapping of field: value, got {type(values).__name__}")
+    return values
+
+
+def parse_config(config_class, argv, command: str = "stage"):
+    """A stage config from flags, or from a YAML/JSON file given first, whose keys later flags override."""
+    from dataclasses import fields
+
+    parser = _parser(command, config_class)
+    path = argv[0] if argv and argv[0].endswith(CONFIG_SUFFIXES) and not argv[0].startswith("-") else None
+    values = _read_config_file(path) if path else {}
+    names = {f.name for f in fields(config_class) if f.init}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        raise UsageError(f"{path}: unknown key(s) {', '.join(unknown)} for aft {command}")
+    unset = object()
+    if path:  # only flags actually given replace the file's values
+        parser.set_defaults(**{name: unset for name in names})
+    namespace, remaining = parser.parse_known_args(argv[1:] if path else argv)
+    if remaining:
+        raise UsageError(f"unrecognized arguments: {' '.join(remaining)} (see `aft {command} --help`)")
+    given = {k: v for k, v in vars(namespace).items() if k in names and v is not unset}
+    try:
+        return config_class(**{**values, **given})
+    except AftError as err:
+        raise AftError(f"{path}: {err}" if path else str(err)) from None
+
+
+USAGE = """usage: aft <command> [flags] | aft <command> CONFIG.yaml [flags] | aft <command> --help
+
+Alignment Fine-Tuning (AFT, arXiv 2309.02144) for LLM reasoners. Add --debug to any command to see the
+traceback of an error instead of its one line.
 
 commands:
   demo     the whole pipeline on a built-in task with a small model, offline, on CPU
@@ -65,9 +114,32 @@ commands:
 {stages}"""
 
 
+def error_line(err: BaseException) -> str | None:
+    """The one line that reports an error a user can cause; None for anything else (a bug: traceback)."""
+    import yaml
+
+    user_errors = (ValueError, OSError, TypeError, UnicodeError, yaml.YAMLError)
+    if not isinstance(err, user_errors) and type(err).__name__ != "SafetensorError":
+        return None
+    if isinstance(err, UnicodeDecodeError):
+        return f"not valid UTF-8 (byte {err.start}): {err.reason}"
+    text = " ".join(str(err).split()) or type(err).__name__
+    return text if isinstance(err, (ValueError, OSError)) else f"{type(err).__name__}: {text}"
+
+
 def main(argv=None):
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    argv = [a for a in argv if a != "--debug"]
+    command = argv[0] if argv and not argv[0].startswith("-") else ""
     try:
-        return _dispatch(list(sys.argv[1:] if argv is None else argv))
+        return _dispatch(argv)
+    except Exception as err:
+        line = error_line(err)
+        if debug or line is None:
+            raise
+        print(f"aft {command}: error: {line}".replace("aft : ", "aft: "), file=sys.stderr)
+        return 2 if isinstance(err, UsageError) else 1
     finally:
         _close_distributed()
 
@@ -85,7 +157,9 @@ def _close_distributed():
 
 
 def _dispatch(argv):
-    stages = _stages()
+    from aft.pipeline import stages as stage_list
+
+    stages = stage_list()
     if not argv or argv[0] in ("-h", "--help"):
         print(USAGE.format(stages="\n".join(f"  {n:<8} {d}" for n, (_, _, d) in stages.items())))
         return 0
@@ -106,15 +180,9 @@ def _dispatch(argv):
         from aft.report import main as report_main
         return report_main(rest)
     if command not in stages:
-        print(f"aft: unknown command {command!r}; see `aft --help`", file=sys.stderr)
-        return 2
+        raise UsageError(f"unknown command {command!r}; see `aft --help`")
     config_class, fn, _ = stages[command]
-    try:
-        config = parse_config(config_class, rest)
-        fn(config)
-    except (ValueError, FileNotFoundError) as err:  # bad input: one clear line, no deep stack trace
-        print(f"aft {command}: error: {err}", file=sys.stderr)
-        return 1
+    fn(parse_config(config_class, rest, command))
     return 0
 
 

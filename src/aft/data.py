@@ -20,14 +20,17 @@ and line; an empty completion or one longer than ``max_length`` is skipped and c
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections import Counter
 from pathlib import Path
 
 import torch
 
+from aft.checks import AftError
 
-class DataError(ValueError):
+
+class DataError(AftError):
     """Bad input data; the message names the file and line."""
 
 
@@ -36,8 +39,12 @@ def read_jsonl(path):
     path = Path(path)
     if not path.exists():
         raise DataError(f"{path}: no such file")
-    with path.open(encoding="utf-8") as f:
-        for number, line in enumerate(f, start=1):
+    with path.open("rb") as f:
+        for number, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise DataError(f"{path}:{number}: not valid UTF-8 (byte {err.start} of the line)") from None
             if not line.strip():
                 continue
             try:
@@ -96,10 +103,7 @@ def load_groups(path, require_labels: bool = True):
             obj = {"id": obj.get("id", f"line-{number}"), "prompt": obj["query"],
                    "completions": obj["responses"], "labels": obj["scores"]}
         _require(obj, ["prompt", "completions"] + (["labels"] if require_labels else []), where)
-        if not isinstance(obj["completions"], list):
-            raise DataError(f"{where}: 'completions' must be a list of strings")
-        if "labels" in obj and len(obj["labels"]) != len(obj["completions"]):
-            raise DataError(f"{where}: {len(obj['labels'])} labels for {len(obj['completions'])} completions")
+        _check_group(obj, where)
         obj.setdefault("id", f"line-{number}")
         if obj["id"] in groups:
             raise DataError(f"{where}: duplicate group id {obj['id']!r}")
@@ -113,6 +117,27 @@ def load_groups(path, require_labels: bool = True):
             if not labels or max(labels) == min(labels):
                 report["groups without a pair (NLL only)"] += 1
     return out, report
+
+
+def _check_group(obj, where):
+    """Types a group must have: a malformed one stops with its line named, never half-read."""
+    if not isinstance(obj["prompt"], str):
+        raise DataError(f"{where}: 'prompt' must be a string, got {obj['prompt']!r:.40}")
+    texts = obj["completions"]
+    if not isinstance(texts, list) or not all(isinstance(t, str) for t in texts):
+        raise DataError(f"{where}: 'completions' must be a list of strings, got {texts!r:.60}")
+    for key, kind in (("labels", "numbers"), ("correct", "true/false values")):
+        if key not in obj:
+            continue
+        values = obj[key]
+        ok = isinstance(values, list) and all(
+            isinstance(v, bool) if key == "correct" else
+            isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in values)
+        if not ok:
+            raise DataError(f"{where}: '{key}' must be a list of {kind}"
+                            f"{' (finite)' if key == 'labels' else ''}, one per completion, got {values!r:.60}")
+        if len(values) != len(texts):
+            raise DataError(f"{where}: {len(values)} {key} for {len(texts)} completions")
 
 
 def positives(group) -> list[bool]:

@@ -56,10 +56,10 @@ def results_table(run_dir: Path) -> tuple[dict, str]:
     return results, "\n".join(lines)
 
 
-def demo(run_dir: str = "runs/demo", quick: bool = False) -> dict:
+def demo(run_dir: str = "runs/demo", quick: bool = False, overwrite: bool = False) -> dict:
     start = time.time()
     cfg = demo_config(run_dir, quick)
-    out = run_config(cfg)
+    out = run_config(cfg, overwrite)
     results, table = results_table(out)
     minutes = (time.time() - start) / 60
     summary = {"results": results, "minutes": round(minutes, 2), "config": cfg}
@@ -76,6 +76,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="aft demo", description=__doc__.split("\n\n")[0])
     parser.add_argument("--run-dir", default="runs/demo", help="Run directory (continued if it exists).")
     parser.add_argument("--quick", action="store_true", help="A seconds-long smoke run of the same stages.")
+    parser.add_argument("--overwrite", action="store_true", help="Run again the stages whose settings changed.")
     args = parser.parse_args(argv)
-    demo(args.run_dir, args.quick)
+    demo(args.run_dir, args.quick, args.overwrite)
     return 0

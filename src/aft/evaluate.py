@@ -9,6 +9,7 @@ length-normalised log-likelihoods of ``aft.scoring``, the same quantity AFT trai
 from __future__ import annotations
 
 import json
+import os
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,16 +17,18 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from aft.data import SFTCollator, encode_completion, encode_prompt, load_groups, positives
+from aft.checks import check_config, require
+from aft.data import SFTCollator, encode_completion, encode_prompt, load_groups, positives, write_jsonl
 from aft.losses import pair_mask
-from aft.models import ModelFields, load_model, load_tokenizer
+from aft.models import ModelFields, load_model, load_tokenizer, usable_length
+from aft.provenance import OutputFields, claim
 from aft.sample import generate_batch, plan_batches
 from aft.scoring import completion_logprobs, sequence_scores
 from aft.tasks import TaskFields
 
 
 @dataclass
-class EvalConfig(ModelFields, TaskFields):
+class EvalConfig(OutputFields, ModelFields, TaskFields):
     """Evaluate a model on a task split (and, given labelled groups, its assessment accuracy)."""
 
     split: str = field(default="test", metadata={"help": "Split to evaluate on."})  # not train, as elsewhere
@@ -38,6 +41,9 @@ class EvalConfig(ModelFields, TaskFields):
         "help": "Labelled groups JSONL on which to measure assessment accuracy (e.g. test-question samples)."})
     max_length: int = field(default=512, metadata={"help": "Longest sequence scored for assessment accuracy."})
     seed: int = field(default=0, metadata={"help": "Seed of the voting samples."})
+
+    def __post_init__(self):
+        check_config(self)
 
 
 def generate_all(model, tokenizer, prompts, k=1, temperature=0.0, max_new_tokens=256, batch_size=32, seed=0,
@@ -156,7 +162,11 @@ def held_out_metrics(model, tokenizer, task, examples, groups=None, max_new_toke
 
 def evaluate(config: EvalConfig) -> dict:
     """Run the evaluation stage; writes ``config.output`` (metrics) and ``predictions.jsonl`` beside it."""
+    require(config, "model")
     task, examples = config.load_examples()
+    groups = load_groups(config.groups)[0] if config.groups else None
+    out = Path(config.output)
+    claim("eval", config, also=(out.with_name("predictions.jsonl"), out.with_name("scores.jsonl")))
     tokenizer = load_tokenizer(config.tokenizer or config.model, config.trust_remote_code)
     model = load_model(config.model, config.model_dtype, config.trust_remote_code).eval()
     accuracy, records = task_accuracy(model, tokenizer, task, examples, config.max_new_tokens, config.batch_size)
@@ -172,16 +182,14 @@ def evaluate(config: EvalConfig) -> dict:
         winners = [ts[a.index(majority(a))] if majority(a) is not None else "" for ts, a in zip(votes, answers)]
         metrics["vote_accuracy"] = sum(task.is_correct(t, e) for t, e in zip(winners, examples)) / len(examples)
         metrics["vote_samples"] = config.vote_samples
-    out = Path(config.output)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    if config.groups:
-        groups, _ = load_groups(config.groups)
-        scores = score_groups(model, tokenizer, groups, config.max_length)
+    if groups:
+        scores = score_groups(model, tokenizer, groups, usable_length(config.max_length, model))
         metrics.update(assessment_accuracy(groups, scores))
         _write_scores(out.with_name("scores.jsonl"), groups, scores)
-    with out.with_name("predictions.jsonl").open("w", encoding="utf-8") as f:
-        f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
-    out.write_text(json.dumps(metrics, indent=2) + "\n")
+    write_jsonl(out.with_name("predictions.jsonl"), records)
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_text(json.dumps(metrics, indent=2) + "\n")
+    os.replace(tmp, out)
     print(json.dumps(metrics, indent=2))
     return metrics
 

@@ -24,7 +24,9 @@ from dataclasses import dataclass, field
 import torch
 from transformers import set_seed
 
+from aft.checks import check_config, require
 from aft.models import ModelFields, load_for_training
+from aft.provenance import OutputFields, claim
 from aft.tasks import TaskFields
 
 try:
@@ -36,7 +38,7 @@ if _TRLGRPOConfig is None:
     GRPOConfig = None
 else:
     @dataclass
-    class GRPOConfig(ModelFields, TaskFields, _TRLGRPOConfig):
+    class GRPOConfig(ModelFields, TaskFields, OutputFields, _TRLGRPOConfig):
         """GRPO on a task's questions with the task's answer checker as the reward (TRL's GRPOConfig plus
         the model and task fields every aft stage has)."""
 
@@ -56,13 +58,14 @@ else:
         bf16: bool | None = False  # TRL's default is True; on a CPU without AMX bf16 is slower: opt in with --bf16
 
         def __post_init__(self):
+            check_config(self)
+            if self.sample_budget is not None and self.sample_budget <= 0:
+                raise ValueError(f"--sample_budget must be positive; got {self.sample_budget}")
             self.max_completion_length = self.max_new_tokens
             if not torch.accelerator.is_available():
                 self.use_cpu = True
             super().__post_init__()
             if self.sample_budget is not None:
-                if self.sample_budget <= 0:
-                    raise ValueError(f"sample_budget must be positive; got {self.sample_budget}")
                 self.max_steps = math.ceil(self.sample_budget / completions_per_step(self))
 
 
@@ -100,11 +103,12 @@ def grpo(config: GRPOConfig) -> str:
 
     from aft.train import finish
 
+    require(config, "model")
+    claim("grpo", config, write=False)  # refused before the model loads
+    task, examples = config.load_examples()
     set_seed(config.seed)
     model, tokenizer = load_for_training(config)
-    task, examples = config.load_examples()
-    if not examples:
-        raise ValueError(f"{config.task}/{config.split}: no questions")
+    claim("grpo", config)
     dataset = Dataset.from_list([{"prompt": task.format_prompt(e), "example": json.dumps(e)} for e in examples])
     reward = AnswerReward(task)
     trainer = GRPOTrainer(model=model, reward_funcs=reward, args=config, train_dataset=dataset,

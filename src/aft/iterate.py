@@ -25,11 +25,13 @@ stopped run continues from the first stage that did not finish, as ``aft run`` d
 from __future__ import annotations
 
 import json
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
+
+from aft.checks import AftError, UsageError
+from aft.provenance import OutputFields, claim
 
 RESTART = ("previous", "start")
 ROUND_KEYS = ("start", "rounds", "questions_per_round", "fresh_questions", "restart", "sample", "label", "align",
@@ -37,7 +39,7 @@ ROUND_KEYS = ("start", "rounds", "questions_per_round", "fresh_questions", "rest
 
 
 @dataclass
-class MergeConfig:
+class MergeConfig(OutputFields):
     """Union of labelled group files: a question's groups from several rounds become one group."""
 
     inputs: list[str] = field(default_factory=list, metadata={"help": "Labelled groups JSONL files."})
@@ -49,9 +51,11 @@ def merge(config: MergeConfig) -> str:
     labels and correctness concatenated; the other fields come from the first group of that id."""
     from aft.data import load_groups, write_jsonl
 
+    read = [load_groups(path)[0] for path in config.inputs]
+    claim("merge", config)
     merged: dict[str, dict] = {}
-    for path in config.inputs:
-        for group in load_groups(path)[0]:
+    for groups in read:
+        for group in groups:
             into = merged.setdefault(group["id"], {**group, "completions": [], "labels": [], "correct": []})
             seen = {" ".join(t.split()) for t in into["completions"]}
             for i, text in enumerate(group["completions"]):
@@ -69,18 +73,18 @@ def expand(cfg: dict) -> dict:
     """The ``aft run`` config of an iterate config: its own stages, then each round's stages."""
     unknown = set(cfg) - set(ROUND_KEYS) - {"run_dir", "defaults", "stages"}
     if unknown:
-        raise ValueError(f"unknown key(s) {sorted(unknown)}; an iterate config has run_dir, defaults, stages and "
+        raise AftError(f"unknown key(s) {sorted(unknown)}; an iterate config has run_dir, defaults, stages and "
                          f"{', '.join(ROUND_KEYS)}")
     rounds, per_round = cfg.get("rounds"), cfg.get("questions_per_round")
     if not isinstance(rounds, int) or rounds < 1:
-        raise ValueError(f"rounds must be a positive integer; got {rounds!r}")
+        raise AftError(f"rounds must be a positive integer; got {rounds!r}")
     if per_round is not None and (not isinstance(per_round, int) or per_round < 1):
-        raise ValueError(f"questions_per_round must be a positive integer; got {per_round!r}")
+        raise AftError(f"questions_per_round must be a positive integer; got {per_round!r}")
     restart = cfg.get("restart", "previous")
     if restart not in RESTART:
-        raise ValueError(f"restart must be one of {RESTART}; got {restart!r}")
+        raise AftError(f"restart must be one of {RESTART}; got {restart!r}")
     if not cfg.get("start"):
-        raise ValueError("start: the model round 1 samples from (a stage name or a model folder)")
+        raise AftError("start: the model round 1 samples from (a stage name or a model folder)")
     seed = int(cfg.get("defaults", {}).get("seed", 0))
     stages = list(cfg.get("stages") or [])
     model, labeled = cfg["start"], []
@@ -124,14 +128,14 @@ def budget(run_dir: Path, rounds: int) -> dict:
     return out
 
 
-def iterate(config_path: str) -> Path:
-    """Run (or continue) the rounds of an iterate config; returns the run directory."""
+def iterate(config_path: str, overwrite: bool = False) -> Path:
+    """Run (or continue) the rounds of an iterate config; returns the run directory. A finished stage whose
+    settings changed stops the run, naming them; ``overwrite`` runs it (and what it feeds) again."""
+    from aft.cli import _read_config_file
     from aft.pipeline import run_config
 
-    cfg = yaml.safe_load(Path(config_path).read_text())
-    if not isinstance(cfg, dict):
-        raise ValueError(f"{config_path}: not a YAML mapping")
-    run_dir = run_config(expand(cfg))
+    cfg = _read_config_file(config_path)
+    run_dir = run_config(expand(cfg), overwrite)
     spent = budget(run_dir, cfg["rounds"])
     (run_dir / "budget.json").write_text(json.dumps(spent, indent=2) + "\n")
     print(f"[aft iterate] {cfg['rounds']} rounds: {spent['total']['completions_sampled']} completions sampled, "
@@ -140,12 +144,12 @@ def iterate(config_path: str) -> Path:
 
 
 def main(argv) -> int:
-    if len(argv) != 1 or argv[0] in ("-h", "--help"):
-        print("usage: aft iterate CONFIG.yaml\n\n" + (__doc__ or ""))
-        return 0 if argv and argv[0] in ("-h", "--help") else 2
-    try:
-        iterate(argv[0])
-    except (ValueError, FileNotFoundError) as err:
-        print(f"aft iterate: error: {err}", file=sys.stderr)
-        return 1
+    overwrite = "--overwrite" in argv
+    argv = [a for a in argv if a != "--overwrite"]
+    if argv and argv[0] in ("-h", "--help"):
+        print("usage: aft iterate CONFIG.yaml [--overwrite]\n\n" + (__doc__ or ""))
+        return 0
+    if len(argv) != 1:
+        raise UsageError("usage: aft iterate CONFIG.yaml [--overwrite]")
+    iterate(argv[0], overwrite)
     return 0

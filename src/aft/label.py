@@ -23,25 +23,32 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass, field
 
+from aft.checks import check_choice, check_config
 from aft.data import DataError, load_groups, write_jsonl
 from aft.tasks.base import ANSWER_MATCHES
+from aft.provenance import OutputFields, claim
 
 FEEDBACK = ("binary", "steps", "field")
 
 
 @dataclass
-class LabelConfig:
+class LabelConfig(OutputFields):
     """Label the groups written by ``aft sample``."""
 
     task: str = field(default="arithmetic", metadata={"help": "Task whose answer checker labels the COTs."})
     groups: str = field(default="samples.jsonl", metadata={"help": "Groups JSONL from `aft sample`."})
     output: str = field(default="labeled.jsonl", metadata={"help": "Labelled groups JSONL to write."})
-    feedback: str = field(default="binary", metadata={"help": f"One of {FEEDBACK}."})
+    feedback: str = field(default="binary", metadata={"help": f"One of {', '.join(FEEDBACK)}."})
     score_field: str = field(default="scores", metadata={"help": "With --feedback field: the per-completion "
                                                                    "score list in each group."})
     answer_match: str = field(default="flexible", metadata={
         "help": "How answers are read: flexible (also 'The answer is 18.', '**18**', '(B)', the option's text) or "
                 "strict (only the task's own format: '#### 18', 'The answer is B')."})
+
+    def __post_init__(self):
+        check_config(self)
+        check_choice("feedback", self.feedback, FEEDBACK)
+        check_choice("answer_match", self.answer_match, ANSWER_MATCHES)
 
 
 def step_rank(task, text: str, example, match: str = "flexible") -> int:
@@ -68,18 +75,16 @@ def label(config: LabelConfig) -> str:
     """Run the labelling stage; returns the path of the labelled groups file."""
     from aft.tasks import load_task
 
-    if config.feedback not in FEEDBACK:
-        raise ValueError(f"feedback must be one of {FEEDBACK}; got {config.feedback!r}")
-    if config.answer_match not in ANSWER_MATCHES:
-        raise ValueError(f"answer_match must be one of {ANSWER_MATCHES}; got {config.answer_match!r}")
     task = load_task(config.task)
     groups, _ = load_groups(config.groups, require_labels=False)
-    out, report = [], Counter()
     for g in groups:
         if "answer" not in g:
             raise DataError(f"{config.groups}: group {g['id']!r} has no 'answer' to check against")
         if config.feedback == "field" and len(g.get(config.score_field, [])) != len(g["completions"]):
             raise DataError(f"{config.groups}: group {g['id']!r} needs one '{config.score_field}' per completion")
+    claim("label", config)
+    out, report = [], Counter()
+    for g in groups:
         g = label_group(task, g, config.feedback, config.score_field, config.answer_match)
         out.append(g)
         report["groups"] += 1

@@ -49,6 +49,16 @@ def load_model(name: str, dtype: str = "float32", trust_remote_code: bool = Fals
                                                 use_safetensors=True)
 
 
+def usable_length(max_length: int, model) -> int:
+    """``max_length``, or the model's own limit on positions where that is smaller (beyond it a model reads
+    positions it never learnt: such sequences are skipped and counted, as longer than max_length are)."""
+    limit = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
+    if limit and limit < max_length:
+        print(f"max_length {max_length} is more than the model's {limit} positions: using {limit}")
+        return limit
+    return max_length
+
+
 def load_for_training(cfg: ModelFields):
     """Model and tokenizer for a training stage, with LoRA adapters attached when ``lora_r > 0``."""
     tokenizer = load_tokenizer(cfg.tokenizer or cfg.model, cfg.trust_remote_code)

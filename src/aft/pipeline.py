@@ -3,7 +3,9 @@
 A config names a run directory, defaults shared by every stage (any stage field, e.g. ``task``), and the
 stages. A stage's ``model`` or ``groups`` may name an earlier stage, which resolves to that stage's
 output. Every stage writes a ``DONE`` file when it completes; a second ``aft run`` skips those stages and
-continues the first one that did not finish (the samplers and trainers resume inside a stage too)::
+continues the first one that did not finish (the samplers and trainers resume inside a stage too). A stage
+whose settings or inputs changed since it finished stops the run with the changed keys named;
+``aft run CONFIG.yaml --overwrite`` runs such stages again (see ``aft.provenance``)::
 
     run_dir: runs/demo
     defaults: {task: "arithmetic:max_steps=4"}
@@ -19,12 +21,14 @@ continues the first one that did not finish (the samplers and trainers resume in
 from __future__ import annotations
 
 import json
-import sys
 import time
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import yaml
+
+from aft.checks import AftError, check_config
+from aft.provenance import OutputFields
 
 STAGE_OUTPUT = {"sample": "groups.jsonl", "label": "groups.jsonl", "merge": "groups.jsonl", "eval": "eval.json"}
 # Under a multi-process launcher (accelerate launch, torchrun) sampling and training use every process; these
@@ -47,7 +51,7 @@ def _wait_for(done: Path, name: str, poll: float = 0.5, timeout: float = 24 * 36
 
 
 @dataclass
-class InitConfig:
+class InitConfig(OutputFields):
     """Build a tokenizer (trained on the task's training texts) and a small random Llama, offline."""
 
     task: str = field(default="arithmetic", metadata={"help": "Task whose training texts train the tokenizer."})
@@ -57,12 +61,17 @@ class InitConfig:
     max_length: int = field(default=512, metadata={"help": "Model's maximum sequence length."})
     seed: int = field(default=0, metadata={"help": "Initialisation seed."})
 
+    def __post_init__(self):
+        check_config(self)
+
 
 def init(config: InitConfig) -> str:
+    from aft.provenance import claim
     from aft.tasks import load_task
     from aft.tiny import build_model, build_tokenizer
 
     task = load_task(config.task)
+    claim("init", config)
     examples = task.load("train")
     tokenizer = build_tokenizer((task.format_prompt(e) + task.reference_cot(e) for e in examples),
                                 vocab_size=config.vocab_size)
@@ -74,11 +83,29 @@ def init(config: InitConfig) -> str:
     return config.output_dir
 
 
+def stages():
+    """The stages of the `aft` command, by name: (config class, function, one-line description)."""
+    from aft.evaluate import EvalConfig, evaluate
+    from aft.grpo import GRPOConfig, grpo
+    from aft.label import LabelConfig, label
+    from aft.sample import SampleConfig, sample
+    from aft.train import AlignConfig, SFTConfig, align, sft
+
+    return {
+        "sft": (SFTConfig, sft, "Vanilla fine-tuning (VFT) on reference chains of thought."),
+        "sample": (SampleConfig, sample, "Sample k chains of thought per question (resumable)."),
+        "label": (LabelConfig, label, "Label sampled chains of thought: binary, step-verified or given scores."),
+        "align": (AlignConfig, align, "Alignment: AFT or a baseline (rft, rrhf, pro, dpo), with a constraint."),
+        "eval": (EvalConfig, evaluate, "Accuracy, majority-vote accuracy and assessment accuracy."),
+        **({"grpo": (GRPOConfig, grpo, "GRPO (TRL) rewarded by the task's answer checker: an on-policy baseline.")}
+           if GRPOConfig is not None else {}),
+    }
+
+
 def stage_table():
-    from aft.cli import _stages
     from aft.iterate import MergeConfig, merge
 
-    table = {name: (cls, fn) for name, (cls, fn, _) in _stages().items()}
+    table = {name: (cls, fn) for name, (cls, fn, _) in stages().items()}
     table["init"] = (InitConfig, init)
     table["merge"] = (MergeConfig, merge)
     return table
@@ -110,13 +137,20 @@ def build_stage_config(spec: dict, defaults: dict, run_dir: Path, outputs: dict)
     return cls(**values), fn, folder
 
 
-def run(config_path: str) -> Path:
+def run(config_path: str, overwrite: bool = False) -> Path:
     """Run (or continue) every stage of a pipeline config; returns the run directory."""
-    cfg = yaml.safe_load(Path(config_path).read_text())
-    return run_config(cfg)
+    from aft.cli import _read_config_file
+
+    return run_config(_read_config_file(config_path), overwrite)
 
 
-def run_config(cfg: dict) -> Path:
+def run_config(cfg: dict, overwrite: bool = False) -> Path:
+    """Run the stages of ``cfg``. A finished stage whose settings (or inputs) have changed since stops the run,
+    naming them; with ``overwrite`` it is run again, and so is every later stage its new output feeds."""
+    from aft import provenance
+
+    overwrite = overwrite or bool(cfg.get("overwrite"))
+
     run_dir = Path(cfg.get("run_dir", "runs/run"))
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
@@ -132,7 +166,15 @@ def run_config(cfg: dict) -> Path:
         out = getattr(config, "output", None) or getattr(config, "output_dir")
         outputs[spec["name"]] = out
         done = folder / "DONE"
-        if done.exists():
+        changed = provenance.stale(spec["stage"], config)
+        if changed and not overwrite:
+            raise AftError(f"stage {spec['name']!r}: {folder} was made with other settings: {'; '.join(changed)}. "
+                           "Pass --overwrite to run it again, or use another run_dir")
+        if changed:
+            print(f"[aft run] {spec['name']}: settings changed ({'; '.join(changed)}), run again")
+            done.unlink(missing_ok=True)
+            config.overwrite = True
+        elif done.exists():
             print(f"[aft run] {spec['name']}: done already, skipped")
             continue
         if spec["stage"] in MAIN_PROCESS_ONLY and _rank() != 0:
@@ -151,12 +193,10 @@ def run_config(cfg: dict) -> Path:
 
 
 def main(argv) -> int:
+    overwrite = "--overwrite" in argv
+    argv = [a for a in argv if a != "--overwrite"]
     if len(argv) != 1 or argv[0] in ("-h", "--help"):
-        print("usage: aft run CONFIG.yaml\n\n" + (__doc__ or ""))
+        print("usage: aft run CONFIG.yaml [--overwrite]\n\n" + (__doc__ or ""))
         return 0 if argv and argv[0] in ("-h", "--help") else 2
-    try:
-        run(argv[0])
-    except (ValueError, FileNotFoundError) as err:
-        print(f"aft run: error: {err}", file=sys.stderr)
-        return 1
+    run(argv[0], overwrite)
     return 0

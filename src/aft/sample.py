@@ -16,13 +16,15 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from aft.checks import AftError, check_choice, check_config, require
 from aft.data import DataError, encode_prompt, read_jsonl, write_jsonl
 from aft.models import ModelFields, load_model, load_tokenizer
+from aft.provenance import OutputFields, claim
 from aft.tasks import TaskFields
 
 
 @dataclass
-class SampleConfig(ModelFields, TaskFields):
+class SampleConfig(OutputFields, ModelFields, TaskFields):
     """Sample k COTs per question of a task split."""
 
     output: str = field(default="samples.jsonl", metadata={"help": "Groups JSONL to write (resumed if present)."})
@@ -34,6 +36,12 @@ class SampleConfig(ModelFields, TaskFields):
     seed: int = field(default=0, metadata={"help": "Base seed; each batch derives its own from it."})
     backend: str = field(default="hf", metadata={"help": "hf (transformers generate) or vllm (if installed)."})
     include_reference: bool = field(default=True, metadata={"help": "Store the reference COT in each group."})
+
+    def __post_init__(self):
+        check_config(self)
+        check_choice("backend", self.backend, ("hf", "vllm"))
+        if self.temperature == 0 and self.k > 1:
+            raise AftError("--temperature 0 is greedy decoding: one completion per question, so --k must be 1")
 
 
 def truncate_at_stop(text: str, stops=("\nQuestion:",)) -> str:
@@ -87,8 +95,8 @@ def dedupe(texts: list[str]) -> list[str]:
 
 
 def read_done(path: Path) -> dict[str, dict]:
-    """Groups already written. A last line cut off by a kill is dropped (and rewritten); any other bad line
-    is an error."""
+    """Groups already written. A last line cut off by a kill is dropped (and rewritten: ``claim`` has shown
+    the file is this stage's own partial output); any other bad line is an error."""
     if not path.exists():
         return {}
     lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
@@ -114,6 +122,7 @@ def sample(config: SampleConfig) -> str:
     """Run the sampling stage; returns the path of the groups file."""
     from accelerate import PartialState
 
+    require(config, "model")
     state = PartialState(cpu=not torch.accelerator.is_available())  # cpu: gloo across CPU processes
     task, examples = config.load_examples()
     ids = [e["id"] for e in examples]
@@ -133,12 +142,11 @@ def sample(config: SampleConfig) -> str:
         return group
 
     output = Path(config.output)
+    shards = tuple(output.with_name(f"{output.name}.shard{r}") for r in range(state.num_processes))
+    claim("sample", config, also=shards if state.num_processes > 1 else ())  # from here on, output is ours
     if config.backend == "vllm":
         write_jsonl(output, [record(i, t) for i, t in enumerate(_vllm_generate(config, prompts))])
         return str(output)
-    if config.backend != "hf":
-        raise ValueError(f"backend must be hf or vllm; got {config.backend!r}")
-
     # Each process appends to its own shard; with one process the shard is the output itself.
     shard = output if state.num_processes == 1 else output.with_name(f"{output.name}.shard{state.process_index}")
     done = {**read_done(output), **read_done(shard)}

@@ -26,7 +26,6 @@ import itertools
 import json
 import platform
 import statistics
-import sys
 import time
 from dataclasses import fields
 from pathlib import Path
@@ -92,7 +91,7 @@ def sweep_stages(cfg: dict) -> list[dict]:
 
 def seed_config(cfg: dict, seed: int, stages: list[dict]) -> dict:
     return {"run_dir": str(Path(cfg["run_dir"]) / f"seed{seed}"), "defaults": {**cfg.get("defaults", {}), "seed": seed},
-            "stages": [dict(s) for s in cfg["base"]] + stages}
+            "stages": [dict(s) for s in cfg["base"]] + stages, "overwrite": cfg.get("overwrite", False)}
 
 
 def choose(cfg: dict) -> tuple[dict, list[dict]]:
@@ -355,8 +354,8 @@ def load_study(path: str) -> dict:
     return cfg
 
 
-def study(config_path: str, report_only: bool = False, command: str | None = None) -> dict:
-    cfg = load_study(config_path)
+def study(config_path: str, report_only: bool = False, command: str | None = None, overwrite: bool = False) -> dict:
+    cfg = {**load_study(config_path), "overwrite": overwrite}  # rerun stages whose settings changed
     if report_only:
         js = cfg.get("outputs", {}).get("json")
         previous = _read(Path(js)) if js else None
@@ -372,10 +371,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="aft study", description=__doc__.split("\n\n")[0])
     parser.add_argument("config", help="Study config (YAML), e.g. configs/study.yaml.")
     parser.add_argument("--report", action="store_true", help="Only rewrite the report from the runs on disk.")
+    parser.add_argument("--overwrite", action="store_true", help="Run again the stages whose settings changed.")
     args = parser.parse_args(argv)
-    try:
-        study(args.config, args.report, command=f"aft study {args.config}")
-    except (ValueError, FileNotFoundError) as err:
-        print(f"aft study: error: {err}", file=sys.stderr)
-        return 1
+    # errors: one line from aft.cli.main
+    study(args.config, args.report, command=f"aft study {args.config}", overwrite=args.overwrite)
     return 0

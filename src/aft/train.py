@@ -12,6 +12,7 @@ and YAML configs. Multi-GPU / multi-node runs go through ``accelerate launch`` u
 from __future__ import annotations
 
 import os
+import sys
 import warnings
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
@@ -20,8 +21,11 @@ import torch
 from transformers import Trainer, TrainingArguments, set_seed
 
 from aft import losses
+from aft.checks import check_choice, check_config, require
+from aft.provenance import OutputFields, claim
 from aft.data import GroupCollator, SFTCollator, encode_completion, encode_prompt, load_groups, tokenize_group
-from aft.models import ModelFields, load_for_training, load_tokenizer, merge_adapter, save_for_inference
+from aft.models import (ModelFields, load_for_training, load_tokenizer, merge_adapter, save_for_inference,
+                        usable_length)
 from aft.grouped import micro_batched_backward
 from aft.tasks import TaskFields
 from aft.scoring import completion_logprobs, is_wrapped, sequence_scores
@@ -36,7 +40,7 @@ def _evaluates(config) -> bool:
 
 
 @dataclass
-class StageDefaults(TrainingArguments):
+class StageDefaults(OutputFields, TrainingArguments):
     """Trainer defaults that suit this project (still overridable by flag or YAML)."""
 
     output_dir: str = field(default="runs/stage", metadata={"help": "Where the trained model is saved."})
@@ -63,6 +67,7 @@ class StageDefaults(TrainingArguments):
                 "(sets load_best_model_at_end, metric_for_best_model=accuracy, save_strategy=eval_strategy)."})
 
     def __post_init__(self):
+        check_config(self)
         if self.early_stopping_patience is not None:
             if not _evaluates(self):
                 raise ValueError("early_stopping_patience needs eval_strategy 'epoch' or 'steps'")
@@ -88,7 +93,7 @@ class AlignConfig(ModelFields, StageDefaults):
     """Alignment on labelled groups: AFT or a baseline, each with or without a constraint."""
 
     groups: str = field(default="", metadata={"help": "Labelled groups JSONL (see `aft.data`)."})
-    loss: str = field(default="aft", metadata={"help": f"One of {ALIGN_LOSSES}. rft is NLL only."})
+    loss: str = field(default="aft", metadata={"help": f"One of {', '.join(ALIGN_LOSSES)}. rft is NLL only."})
     constraint: str = field(default="boundary", metadata={"help": "boundary, detach or none."})
     beta: float = field(default=0.5, metadata={"help": "Boundary margin: B = min better score - beta."})
     dpo_beta: float = field(default=0.1, metadata={"help": "DPO's temperature on the reward margin."})
@@ -108,12 +113,10 @@ class AlignConfig(ModelFields, StageDefaults):
 
     def __post_init__(self):
         super().__post_init__()
-        if self.loss not in ALIGN_LOSSES:
-            raise ValueError(f"loss must be one of {ALIGN_LOSSES}; got {self.loss!r}")
-        if self.constraint not in losses.CONSTRAINTS:
-            raise ValueError(f"constraint must be one of {losses.CONSTRAINTS}; got {self.constraint!r}")
-        if self.nll_on not in NLL_ON:
-            raise ValueError(f"nll_on must be one of {NLL_ON}; got {self.nll_on!r}")
+        check_choice("loss", self.loss, ALIGN_LOSSES)
+        check_choice("constraint", self.constraint, losses.CONSTRAINTS)
+        check_choice("nll_on", self.nll_on, NLL_ON)
+
 
 
 class MetricsMixin:
@@ -152,6 +155,36 @@ class HeldOutEvalMixin:
         return metrics
 
 
+class ResumeMixin:
+    """Resuming from a checkpoint without the Trainer's two surprises: a warning that tied weights (an
+    ``lm_head`` that is the embedding matrix, stored once) are "missing", and a ``train_loss`` averaged over
+    the resumed steps only. Here it is the mean over the whole run, from the losses logged before the
+    checkpoint (exact when the checkpoint's step is a logging step, as with save_steps a multiple of
+    logging_steps; else left as the Trainer computes it)."""
+
+    def _issue_warnings_after_load(self, load_result):
+        params = dict(self.model.named_parameters(remove_duplicate=False))
+        loaded = {id(p) for name, p in params.items() if name not in load_result.missing_keys}
+        tied = {k for k in load_result.missing_keys if k in params and id(params[k]) in loaded}
+        if tied and hasattr(load_result, "_replace"):
+            load_result = load_result._replace(missing_keys=[k for k in load_result.missing_keys if k not in tied])
+        super()._issue_warnings_after_load(load_result)
+
+    def train(self, *args, **kwargs):
+        output = super().train(*args, **kwargs)
+        start, end = getattr(self, "_initial_global_step", 0), self.state.global_step
+        logged = sorted((h["step"], h["loss"]) for h in self.state.log_history if "loss" in h and h["step"] <= start)
+        if not (0 < start < end) or not logged or logged[-1][0] != start:
+            return output
+        before = sum(loss * (step - prev) for (prev, _), (step, loss) in zip([(0, 0.0)] + logged, logged))
+        whole = (before + output.training_loss * (end - start)) / end
+        output.metrics["train_loss"] = whole
+        for entry in self.state.log_history:
+            if "train_loss" in entry:
+                entry["train_loss"] = whole
+        return output._replace(training_loss=whole)
+
+
 def held_out(config, default_task: str | None = None):
     """(task, examples, groups) that training evaluates on, or None when evaluation is off."""
     from aft.tasks import load_task
@@ -180,7 +213,7 @@ def make_trainer(cls, config, default_task=None, **kwargs):
     return trainer
 
 
-class SFTTrainer(HeldOutEvalMixin, MetricsMixin, Trainer):
+class SFTTrainer(ResumeMixin, HeldOutEvalMixin, MetricsMixin, Trainer):
     """Token-level NLL of the completion, through the same chunked scorer the alignment losses use."""
 
     loss_is_scaled_for_ga = False  # our loss is a per-micro-batch mean: the Trainer divides by accumulation steps
@@ -192,7 +225,7 @@ class SFTTrainer(HeldOutEvalMixin, MetricsMixin, Trainer):
         return (loss, {}) if return_outputs else loss
 
 
-class AlignTrainer(HeldOutEvalMixin, MetricsMixin, Trainer):
+class AlignTrainer(ResumeMixin, HeldOutEvalMixin, MetricsMixin, Trainer):
     """``compute_loss`` scores every candidate of each group and calls the pure loss of ``args.loss``.
 
     From Python, as TRL's trainers are used::
@@ -219,7 +252,7 @@ class AlignTrainer(HeldOutEvalMixin, MetricsMixin, Trainer):
         if source is not None and not _tokenized(source):
             if processing_class is None:
                 processing_class = load_tokenizer(args.tokenizer or args.model, args.trust_remote_code)
-            train_dataset = align_features(args, processing_class, source)
+            train_dataset = align_features(args, processing_class, source, usable_length(args.max_length, model))
             if args.loss == "dpo" and any("ref_logps" not in f for f in train_dataset):
                 add_reference_logps(model, train_dataset, processing_class.pad_token_id)
         if data_collator is None and processing_class is not None:
@@ -312,20 +345,24 @@ def _report(title, counts: Counter):
 
 def sft(config: SFTConfig) -> str:
     """Vanilla fine-tuning. Returns the folder of the saved model."""
+    require(config, "model")
+    claim("sft", config, write=False)  # refused before the model loads
+    task, examples = config.load_examples()
     set_seed(config.seed)  # before the model exists: LoRA's initial weights are drawn from it
     model, tokenizer = load_for_training(config)
-    task, examples = config.load_examples()
+    max_length = usable_length(config.max_length, model)
     features, skipped = [], Counter()
     for example in examples:
         prompt = encode_prompt(tokenizer, task.format_prompt(example))
         completion = encode_completion(tokenizer, task.reference_cot(example))
-        if len(prompt) + len(completion) > config.max_length:
+        if len(prompt) + len(completion) > max_length:
             skipped["skipped: longer than max_length"] += 1
             continue
         features.append({"prompt_ids": prompt, "completion_ids": completion})
     _report(f"sft data ({len(features)} examples)", skipped)
     if not features:
-        raise ValueError(f"no training example fits max_length={config.max_length}")
+        raise ValueError(f"no training example fits max_length={max_length}")
+    claim("sft", config)
     trainer = make_trainer(SFTTrainer, config, config.task, model=model, train_dataset=features,
                            data_collator=SFTCollator(tokenizer.pad_token_id), processing_class=tokenizer)
     trainer.train(resume_from_checkpoint=_last_checkpoint(config))
@@ -338,23 +375,28 @@ def _tokenized(dataset) -> bool:
     return isinstance(dataset, list) and bool(dataset) and "prompt_ids" in dataset[0]
 
 
-def align_features(config: AlignConfig, tokenizer, groups=None):
-    """Token ids of the groups in ``groups`` (rows or a path, see ``load_groups``; default ``config.groups``)."""
+def align_features(config: AlignConfig, tokenizer, groups=None, max_length: int | None = None, loaded=None):
+    """Token ids of ``groups`` (rows or a path, see ``load_groups``; default ``config.groups``), or of
+    ``loaded``, what ``load_groups`` returned for them."""
     source = config.groups if groups is None else groups
-    groups, report = load_groups(source)
+    groups, report = loaded or load_groups(source)
+    name = source if isinstance(source, (str, os.PathLike)) else "train_dataset"
     features = []
     for group in groups:
         if config.max_candidates is not None:
             group = {**group, **{key: group[key][:config.max_candidates]
                                  for key in ("completions", "labels", "correct", "ref_logps") if key in group}}
-        f = tokenize_group(tokenizer, group, config.max_length, report, config.nll_on)
+        f = tokenize_group(tokenizer, group, max_length or config.max_length, report, config.nll_on)
         if f["completion_ids"] or "reference_ids" in f:
             features.append(f)
         else:
             report["skipped: group with nothing to train on"] += 1
     _report(f"align data ({len(features)} groups)", report)
     if not features:
-        raise ValueError(f"{source if isinstance(source, str) else 'train_dataset'}: no usable group")
+        raise ValueError(f"{name}: no usable group")
+    if config.loss != "rft" and not any(len(set(f["labels"])) > 1 for f in features):
+        print(f"warning: {name}: no group has a better and a worse completion, so the {config.loss} "
+              "ranking term is zero and this run trains the NLL term only", file=sys.stderr)
     return features
 
 
@@ -376,7 +418,17 @@ def add_reference_logps(model, features, pad_id: int, batch_size: int = 16):
 def align(config: AlignConfig, train_dataset=None) -> str:
     """Alignment stage (AFT or a baseline) on ``train_dataset`` (rows in memory, see ``AlignTrainer``) or
     ``config.groups``. Returns the folder of the saved model."""
-    trainer = make_trainer(AlignTrainer, config, train_dataset=train_dataset)
+    require(config, "model", *(["groups"] if train_dataset is None else []))
+    claim("align", config, write=False)  # refused before the model loads
+    source = config.groups if train_dataset is None else train_dataset
+    loaded = load_groups(source)  # a bad line stops here, before the model loads
+    set_seed(config.seed)  # before the model exists: LoRA's initial weights are drawn from it
+    model, tokenizer = load_for_training(config)
+    features = align_features(config, tokenizer, source, usable_length(config.max_length, model), loaded)
+    claim("align", config)
+    if config.loss == "dpo" and any("ref_logps" not in f for f in features):
+        add_reference_logps(model, features, tokenizer.pad_token_id)
+    trainer = make_trainer(AlignTrainer, config, model=model, train_dataset=features, processing_class=tokenizer)
     trainer.train(resume_from_checkpoint=_last_checkpoint(config))
     finish(trainer, trainer.processing_class, config)
     return config.output_dir
@@ -422,11 +474,44 @@ def finish(trainer, tokenizer, config):
     trainer.accelerator.wait_for_everyone()
 
 
-def _last_checkpoint(config: TrainingArguments):
-    """Continue from the newest checkpoint in output_dir, if a killed run left one."""
-    from transformers.trainer_utils import get_last_checkpoint
-    import os
+def checkpoint_problem(folder) -> str | None:
+    """Why a ``checkpoint-N`` folder cannot be resumed from, or None. The Trainer writes the weights, then the
+    optimizer, scheduler and random states, and ``trainer_state.json`` last: a kill during the save leaves
+    it without that file, with that file cut short, or with a weights file shorter than its header says."""
+    import json
+    from pathlib import Path
 
-    if os.path.isdir(config.output_dir):
-        return get_last_checkpoint(config.output_dir)
+    from aft.checks import check_safetensors
+
+    folder = Path(folder)
+    if not (folder / "trainer_state.json").is_file():
+        return "no trainer_state.json (a save cut short)"
+    try:
+        json.loads((folder / "trainer_state.json").read_text())
+    except (ValueError, UnicodeDecodeError):
+        return "trainer_state.json cut short"
+    weights = sorted(folder.glob("*.safetensors"))
+    if not weights:
+        return "no .safetensors weights"
+    for path in weights:
+        problem = check_safetensors(path)
+        if problem:
+            return f"{path.name} is damaged ({problem})"
+    return None
+
+
+def _last_checkpoint(config: TrainingArguments):
+    """Continue from the newest complete checkpoint in output_dir, if a killed run left one; say which
+    newer ones are skipped, and why."""
+    import re
+    from pathlib import Path
+
+    folder = Path(config.output_dir)
+    found = [p for p in folder.glob("checkpoint-*") if p.is_dir() and re.fullmatch(r"checkpoint-\d+", p.name)] \
+        if folder.is_dir() else []
+    for path in sorted(found, key=lambda p: int(p.name.split("-")[1]), reverse=True):
+        problem = checkpoint_problem(path)
+        if problem is None:
+            return str(path)
+        print(f"resume: skipping {path}: {problem}", file=sys.stderr)
     return None

@@ -51,7 +51,22 @@ def load_task(name: str, **kwargs) -> Task:
     kwargs = {**options, **kwargs}
     if name not in TASKS:
         raise ValueError(f"unknown task {name!r}; choose from {', '.join(sorted(TASKS))}")
+    _check_options(name, kwargs)
     return TASKS[name](**kwargs)
+
+
+def _check_options(name: str, kwargs: dict) -> None:
+    """Unknown options, and values of another type than the option's default, named before use."""
+    import inspect
+
+    params = {p.name: p.default for p in list(inspect.signature(TASKS[name]).parameters.values())}
+    for key, value in kwargs.items():
+        if key not in params:
+            raise ValueError(f"task {name!r} has no option {key!r}; its options: {', '.join(params) or 'none'}")
+        default = params[key]
+        if isinstance(default, (int, float)) and not isinstance(default, bool) and (
+                isinstance(value, bool) or not isinstance(value, (int, float))):
+            raise ValueError(f"task option {key}={value!r} must be a number")
 
 
 @dataclass
@@ -67,9 +82,15 @@ class TaskFields:
 
     def load_examples(self):
         """The task object and the examples of ``split`` from ``offset``, at most ``limit`` of them."""
+        from aft.data import DataError
+
         task = load_task(self.task)
         end = None if self.limit is None else self.offset + self.limit
-        return task, task.load(self.split, path=self.data_path, limit=end)[self.offset:]
+        examples = task.load(self.split, path=self.data_path, limit=end)[self.offset:]
+        if not examples:
+            raise DataError(f"{self.data_path or self.task}: no questions in split {self.split!r}"
+                            + (f" from offset {self.offset}" if self.offset else ""))
+        return task, examples
 
 
 __all__ = ["TaskFields", "TASKS", "Task", "load_task", "AQuATask", "ArithmeticTask", "ECQATask", "GSM8KTask"]

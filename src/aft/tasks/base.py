@@ -22,6 +22,7 @@ from fractions import Fraction
 from pathlib import Path
 
 from aft import data
+from aft.checks import hub_reachable
 
 # ---------------------------------------------------------------------------------------------------
 # Numbers
@@ -414,8 +415,19 @@ class Task:
         import datasets  # lazy: loading local files or the built-in task must not need it
 
         hub_split = self.hub_splits.get(split, split)
-        data = datasets.load_dataset(self.hub_name, self.hub_config, split=hub_split)
-        for index, row in enumerate(data):
+        if not hub_reachable():  # say so at once, not after a minute of retries; a cached copy still loads
+            import huggingface_hub.constants
+
+            datasets.config.HF_HUB_OFFLINE = huggingface_hub.constants.HF_HUB_OFFLINE = True
+            try:
+                rows = datasets.load_dataset(self.hub_name, self.hub_config, split=hub_split)
+            except Exception:
+                raise data.DataError(f"task {self.name!r}: no network to reach the Hugging Face hub and no cached "
+                                     f"copy of {self.hub_name}: pass --data_path (a JSONL file or a folder of "
+                                     "{split}.jsonl)") from None
+        else:
+            rows = datasets.load_dataset(self.hub_name, self.hub_config, split=hub_split)
+        for index, row in enumerate(rows):
             yield f"{self.hub_name}[{hub_split}] row {index}", dict(row)
 
     def make_example(self, row: dict, split: str, index: int) -> dict:
