@@ -214,3 +214,24 @@ def test_one_seed_writes_its_file_and_the_report_needs_nothing_else(tmp_path):
     assert "## VFT, epoch by epoch" in page and "mixed" in page
     for name in ("study_accuracy.png", "study_scores.png", "study_training.png"):
         assert (out / "figures" / name).stat().st_size > 0
+
+
+def test_early_stopping_patience_counts_only_after_the_minimum_epochs():
+    from types import SimpleNamespace
+
+    from transformers import TrainerControl, TrainerState
+
+    from aft.train import EarlyStopping
+
+    args = SimpleNamespace(metric_for_best_model="accuracy", greater_is_better=True)
+    callback, control = EarlyStopping(2, min_epochs=3), TrainerControl()
+    state = TrainerState(best_metric=0.15)
+    for epoch, accuracy in [(1, 0.10), (2, 0.12)]:  # an early dip (seed 2 of the old study): not counted
+        state.epoch = epoch
+        callback.on_evaluate(args, state, control, {"eval_accuracy": accuracy})
+    assert not control.should_training_stop and callback.early_stopping_patience_counter == 0
+    for epoch in (3, 4):
+        state.epoch = epoch
+        callback.on_evaluate(args, state, control, {"eval_accuracy": 0.1})
+    assert control.should_training_stop
+    assert type(callback)(**callback.state()["args"]).min_epochs == 3  # as a resumed Trainer rebuilds it

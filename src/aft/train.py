@@ -179,11 +179,18 @@ def held_out(config, default_task: str | None = None):
 
 
 class EarlyStopping(EarlyStoppingCallback):
-    """The Trainer's early stopping, with evaluations before ``min_epochs`` not counted towards the patience."""
+    """The Trainer's early stopping, with evaluations before ``min_epochs`` not counted towards the patience.
+    (Keyword names as the parent's: a resumed Trainer rebuilds the callback from ``state()``.)"""
 
-    def __init__(self, patience: int, min_epochs: float = 0.0):
-        super().__init__(patience)
+    def __init__(self, early_stopping_patience: int = 1, early_stopping_threshold: float = 0.0,
+                 min_epochs: float = 0.0):
+        super().__init__(early_stopping_patience, early_stopping_threshold)
         self.min_epochs = min_epochs
+
+    def state(self) -> dict:
+        state = super().state()
+        state["args"]["min_epochs"] = self.min_epochs
+        return state
 
     def on_evaluate(self, args, state, control, metrics, **kwargs):
         if (state.epoch or 0.0) + 1e-6 < self.min_epochs:
@@ -195,7 +202,7 @@ def make_trainer(cls, config, default_task=None, **kwargs):
     """A trainer of ``cls`` with held-out evaluation and early stopping wired in where the config asks."""
 
     evaluation = held_out(config, default_task)
-    callbacks = [EarlyStopping(config.early_stopping_patience, config.early_stopping_min_epochs)] \
+    callbacks = [EarlyStopping(config.early_stopping_patience, min_epochs=config.early_stopping_min_epochs)] \
         if config.early_stopping_patience else []
     trainer = cls(args=config, eval_dataset=evaluation[1] if evaluation else None, callbacks=callbacks, **kwargs)
     trainer.held_out = evaluation
