@@ -3,6 +3,7 @@ seed file, and the report rebuilt from seed files alone."""
 
 import json
 import math
+import re
 import shutil
 
 import pytest
@@ -97,6 +98,29 @@ def test_tune_tests_each_method_at_its_own_best(tmp_path, monkeypatch):
     (tmp_path / "out" / "seeds").mkdir(parents=True)
     (tmp_path / "out" / "seeds" / "seed0.json").write_text(json.dumps({"chosen": chosen}))
     assert tune(cfg, 1) == (chosen, [], {})
+
+
+def test_shipped_study_config_builds_every_stage_of_the_sweep_seed(tmp_path):
+    from pathlib import Path
+
+    from aft.pipeline import build_stage_config
+    from aft.study import seed_config
+
+    cfg = load_study(str(Path(__file__).parent.parent / "configs" / "study.yaml"))
+    chosen = {m["name"]: {k: v[0] for k, v in cfg["sweep"]["grids"][m["tune"]].items()}
+              for m in cfg["methods"] if m.get("tune")}
+    stages = sweep_stages(cfg) + [s for m in cfg["methods"] for s in method_stages(cfg, m, chosen.get(m["name"], {}), 0)]
+    outputs, built = {}, {}
+    for spec in seed_config(cfg, 0, stages)["stages"]:
+        config, _, _ = build_stage_config(spec, {**cfg["defaults"], "seed": 0}, tmp_path, outputs)
+        outputs[spec["name"]] = getattr(config, "output", None) or config.output_dir
+        built[spec["name"]] = config
+    assert built["vft"].early_stopping_patience is None and built["vft"].num_train_epochs == 16
+    assert built["dpo_pub"].nll_on == "none" and built["rrhf_pub"].nll_on == "best" and built["rrhf"].nll_on == "both"
+    assert built["dpo_bc"].dpo_beta == 0.1 and built["aft"].beta == 0.05
+    # every tuned method has the same budget: 4 trainings on the sweep seed
+    tuned = [m["name"] for m in cfg["methods"] if m.get("tune")]
+    assert all(sum(re.fullmatch(f"sweep_{m}_[0-9]+", n) is not None for n in built) == 4 for m in tuned)
 
 
 def test_bad_study_config_is_refused(tmp_path):
