@@ -33,6 +33,7 @@ import json
 import math
 import os
 import platform
+import re
 import statistics
 import subprocess
 import sys
@@ -160,12 +161,19 @@ def run_seed(cfg: dict, seed: int) -> dict:
     record = seed_record(cfg, seed, run_dir, chosen, sweep, reuse)
     path = seed_file(cfg, seed)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(record, indent=1) + "\n")
+    path.write_text(compact_json(record) + "\n")
     print(f"study: seed {seed} written to {path}")
     return record
 
 
 # ---- one seed's record, from its run folder ----------------------------------------------------------------
+
+def compact_json(obj) -> str:
+    """Indented JSON with every list of numbers or strings on one line: a seed file stays small and diffable."""
+    text = json.dumps(obj, indent=1)
+    return re.sub(r"\[\n\s*((?:(?:-?[\d.eE+-]+|\"[^\"\n]*\"|true|false|null),\n\s*)*(?:-?[\d.eE+-]+|\"[^\"\n]*\"|true|false|null))\n\s*\]",
+                  lambda m: "[" + ", ".join(x.strip() for x in m.group(1).split(",\n")) + "]", text)
+
 
 def _read(path: Path):
     return json.loads(path.read_text()) if path.exists() else None
@@ -238,7 +246,9 @@ def seed_record(cfg: dict, seed: int, run_dir: Path, chosen: dict, sweep: list[d
 
     task = load_task(cfg["evaluation"].get("task", cfg.get("defaults", {}).get("task")))
     variant = {e["id"]: e.get("variant") for e in task.load(cfg["evaluation"].get("split", "test"))}
-    groups = sorted(ordered_pairs(_jsonl(run_dir / f"eval_{VFT}" / "scores.jsonl")))
+    vft_pairs = ordered_pairs(_jsonl(run_dir / f"eval_{VFT}" / "scores.jsonl"))
+    groups = sorted(vft_pairs)
+    test_pairs = [vft_pairs[g][1] for g in groups]
     methods = {}
     for method in cfg["methods"]:
         name = method["name"]
@@ -250,8 +260,9 @@ def seed_record(cfg: dict, seed: int, run_dir: Path, chosen: dict, sweep: list[d
         entry = {**{k: metrics.get(k) for k in METRICS},
                  "accuracy_by_variant": metrics.get("accuracy_by_variant", {}),
                  "correct": "".join("1" if correct[q] else "0" for q in questions),
-                 "ordered": [pairs.get(g, (0.0, 0))[0] for g in groups],
-                 "pairs": [pairs.get(g, (0.0, 0))[1] for g in groups]}
+                 "ordered": [pairs.get(g, (0.0, 0))[0] for g in groups]}
+        if [pairs.get(g, (0.0, 0))[1] for g in groups] != test_pairs:  # scored on other pairs than VFT's (rare)
+            entry["pairs"] = [pairs.get(g, (0.0, 0))[1] for g in groups]
         ood = _read(run_dir / f"ood_{name}" / "eval.json")
         if ood:
             entry["ood_accuracy"] = ood["accuracy"]
@@ -269,7 +280,8 @@ def seed_record(cfg: dict, seed: int, run_dir: Path, chosen: dict, sweep: list[d
               "seconds": round(sum(s for s in seconds.values() if s), 1), "stage_seconds": seconds,
               "chosen": chosen, "sweep": sweep,
               "vft": {"epochs": _vft_epochs(vft_state), "train_tokens": _tokens(vft_state)},
-              "test": {"questions": questions, "variant": [variant.get(q) for q in questions], "groups": groups},
+              "test": {"questions": questions, "variant": [variant.get(q) for q in questions], "groups": groups,
+                       "pairs": test_pairs},
               "methods": methods}
     from aft.report import collect
 
@@ -312,7 +324,7 @@ def per_question(record: dict, name: str, metric: str) -> tuple[list[float], lis
     if not m:
         return None
     if metric == "assessment_accuracy":
-        return m["ordered"], m["pairs"]
+        return m["ordered"], m.get("pairs", record["test"]["pairs"])
     if metric == "ood_accuracy":
         return ([float(c) for c in m["ood_correct"]], [1.0] * len(m["ood_correct"])) if "ood_correct" in m else None
     correct = [float(c) for c in m["correct"]]
