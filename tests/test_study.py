@@ -216,7 +216,7 @@ def test_one_seed_writes_its_file_and_the_report_needs_nothing_else(tmp_path):
         metrics = json.loads((run / "seed0" / f"eval_{name}" / "eval.json").read_text())
         assert len(m["correct"]) == 12 and m["correct"].count("1") / 12 == pytest.approx(metrics["accuracy"])
         if metrics.get("assessment_accuracy") is not None:
-            assert sum(m["ordered"]) / sum(m["pairs"]) == pytest.approx(metrics["assessment_accuracy"])
+            assert sum(m["ordered"]) / sum(seed0["test"]["pairs"]) == pytest.approx(metrics["assessment_accuracy"])
     assert seed0["methods"]["aft"]["train_tokens"] > 0 and len(seed0["methods"]["aft"]["ood_correct"]) == 12
     assert seed0["methods"]["more"]["train_tokens"] > 0 and "train_tokens" not in seed0["methods"]["vft"]
     assert [e["epoch"] for e in seed0["vft"]["epochs"]] == [1, 2]

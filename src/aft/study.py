@@ -324,7 +324,7 @@ def per_question(record: dict, name: str, metric: str) -> tuple[list[float], lis
     if not m:
         return None
     if metric == "assessment_accuracy":
-        return m["ordered"], m.get("pairs", record["test"]["pairs"])
+        return m["ordered"], m["pairs"] if "pairs" in m else record["test"]["pairs"]
     if metric == "ood_accuracy":
         return ([float(c) for c in m["ood_correct"]], [1.0] * len(m["ood_correct"])) if "ood_correct" in m else None
     correct = [float(c) for c in m["correct"]]
