@@ -37,7 +37,6 @@ import re
 import statistics
 import subprocess
 import sys
-import time
 from collections import defaultdict
 from dataclasses import fields
 from pathlib import Path
