@@ -63,3 +63,27 @@ def test_tokenize_group_skips_and_counts_empty_and_too_long(tokenizer):
     assert len(feature["completion_ids"]) == 1 and feature["labels"] == [1.0]
     assert report["skipped: empty completion"] == 1
     assert report["skipped: longer than max_length"] == 1
+
+
+@pytest.mark.parametrize("nll_on, candidates, reference", [
+    ("reference", [0, 0, 0, 0], True), ("positives", [1, 0, 1, 1], False), ("both", [1, 0, 1, 1], True),
+    ("best", [0, 0, 1, 0], False), ("none", [0, 0, 0, 0], False)])
+def test_group_collator_nll_weights(tokenizer, nll_on, candidates, reference):
+    # One hand-built group: ranking labels 1, 0, 3, 3 and "correct" 1, 0, 1, 1 (the positives); the best is the
+    # first positive of the highest label (candidate 2). A second group has no positive: "best" picks nothing.
+    from collections import Counter
+
+    from aft.data import GroupCollator, tokenize_group
+
+    group = {"prompt": "Question: 1 + 1?\nAnswer:", "completions": [" 2\n#### 2", " 3\n#### 3", " 1 + 1 = 2\n#### 2",
+                                                                    " so 2\n#### 2"],
+             "labels": [1.0, 0.0, 3.0, 3.0], "correct": [True, False, True, True], "reference": " 1 + 1 = 2\n#### 2"}
+    wrong = {**group, "labels": [0.0, 0.0, 0.0, 0.0], "correct": [False] * 4}
+    features = [tokenize_group(tokenizer, g, 64, Counter(), nll_on) for g in (group, wrong)]
+    batch = GroupCollator(tokenizer.pad_token_id, nll_on)(features)
+    first = batch["group_index"] == 0
+    is_ref = batch["candidate_index"] == -1
+    assert batch["nll_weight"][first & ~is_ref].tolist() == candidates
+    assert batch["nll_weight"][first & is_ref].tolist() == ([1.0] if reference else [])
+    second = (batch["group_index"] == 1) & ~is_ref
+    assert batch["nll_weight"][second].tolist() == [0.0] * 4

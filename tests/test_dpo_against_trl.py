@@ -35,5 +35,5 @@ def test_dpo_loss_equals_trl(tokenizer, tmp_path, beta):
     sums, _ = completion_logprobs(trainer.model, ids, attn, comp)
     n = len(pairs)
     as_groups = lambda x: torch.stack([x[:n], x[n:]], dim=1)  # noqa: E731
-    ours = dpo_loss(as_groups(sums), torch.tensor([[1.0, 0.0]] * n), as_groups(ref_sums), beta=beta)
+    ours = dpo_loss(as_groups(sums), torch.tensor([[1.0, 0.0]] * n), as_groups(ref_sums), dpo_beta=beta)
     assert ours.item() == pytest.approx(trl_loss.item(), abs=1e-5)

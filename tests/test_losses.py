@@ -129,10 +129,41 @@ def test_dpo_detach_and_boundary_gradients():
     y = t([1.0, 0.0, 0.0])
     g = grad_of(dpo_loss, logps, y, ref, constraint="detach")
     assert g[1].item() == 0.0 and g[2].item() == 0.0 and g[0].item() < 0
-    # boundary_beta = 1: B = r_0 - 1 = 0, so candidate 2 (reward 0) sits on it; candidate 1 is below it
-    g = grad_of(dpo_loss, logps, y, ref, constraint="boundary", boundary_beta=1.0)
+    # dpo_boundary 0.1 at dpo_beta 0.1: B = r_0 - 0.1 / 0.1 = 0, so candidate 2 (reward 0) sits on it;
+    # candidate 1 is below it
+    g = grad_of(dpo_loss, logps, y, ref, constraint="boundary", dpo_boundary=0.1)
     assert g[2].item() == pytest.approx(0.0, abs=1e-12)
     assert g[1].item() < 0 and g[0].item() < 0
+
+
+@pytest.mark.parametrize("dpo_beta", [0.1, 0.5])
+def test_dpo_boundary_is_a_margin_on_dpos_logit(dpo_beta):
+    # The boundary sits dpo_boundary / dpo_beta nats of implicit reward below the lowest positive: here
+    # r_p = 1 and dpo_boundary = 2, so B = 1 - 20 (dpo_beta 0.1) or 1 - 4 (dpo_beta 0.5). A negative there
+    # feels no force; above it is pushed down, below it up.
+    ref = t([0.0, 0.0])
+    y = t([1.0, 0.0])
+    boundary = 1.0 - 2.0 / dpo_beta
+
+    def force(r_n):
+        return grad_of(dpo_loss, t([1.0, r_n]), y, ref, dpo_beta=dpo_beta, constraint="boundary", dpo_boundary=2.0)[1]
+
+    assert force(boundary).item() == pytest.approx(0.0, abs=1e-9)
+    assert force(boundary + 1.0).item() > 0 and force(boundary - 1.0).item() < 0
+
+
+def test_dpo_boundary_leaves_negatives_free_at_the_start():
+    # At step 0 the policy is the reference: every reward is 0. Unconstrained DPO pushes the negative down
+    # with force dpo_beta * sigmoid(0) = 0.05 (dpo_beta 0.1). The boundary 2 / 0.1 = 20 nats below adds the
+    # mirror term's pull dpo_beta * sigmoid(-dpo_beta * 2 * 20) = 0.1 * sigmoid(-4) = 0.0018: the negative
+    # keeps 96% of its push. (A margin of 0.5 nats, a length-normalised beta, would leave 0.0025: 5%.)
+    logps = t([-30.0, -40.0])
+    y = t([1.0, 0.0])
+    free = grad_of(dpo_loss, logps, y, logps, constraint="none")[1].item()
+    bounded = grad_of(dpo_loss, logps, y, logps, constraint="boundary")[1].item()
+    assert free == pytest.approx(0.05)
+    assert bounded == pytest.approx(0.05 - 0.1 * torch.sigmoid(torch.tensor(-4.0)).item())
+    assert bounded / free > 0.95
 
 
 # ---- masks and padding --------------------------------------------------------------------------------
@@ -141,7 +172,7 @@ ALL_LOSSES = [
     lambda s, y, m, c: alignment_loss(s, y, m, constraint=c, beta=0.3, reduction="none"),
     lambda s, y, m, c: pro_loss(s, y, m, constraint=c, beta=0.3, reduction="none"),
     lambda s, y, m, c: rrhf_loss(s, y, m, constraint=c, beta=0.3, reduction="none"),
-    lambda s, y, m, c: dpo_loss(s, y, s * 0.9, m, constraint=c, boundary_beta=0.3, reduction="none"),
+    lambda s, y, m, c: dpo_loss(s, y, s * 0.9, m, constraint=c, dpo_boundary=0.03, reduction="none"),
 ]
 
 
@@ -219,14 +250,14 @@ def test_rrhf_values():
 
 def test_dpo_value():
     # rewards r = logp - ref = [-10+11, -12+11] = [1, -1]; beta 0.1: -log sigmoid(0.1 * 2) = log(1 + e^-0.2)
-    loss = dpo_loss(t([-10.0, -12.0]), t([1.0, 0.0]), t([-11.0, -11.0]), beta=0.1)
+    loss = dpo_loss(t([-10.0, -12.0]), t([1.0, 0.0]), t([-11.0, -11.0]), dpo_beta=0.1)
     assert loss.item() == pytest.approx(math.log(1 + e(-0.2)))
     assert loss.item() == pytest.approx(0.598139, abs=1e-6)
 
 
 def test_dpo_mean_over_pairs():
     # P = {r=1}, N = {r=-1, r=0}: mean of log(1 + e^-0.2) and log(1 + e^-0.1)
-    loss = dpo_loss(t([-10.0, -12.0, -11.0]), t([1.0, 0.0, 0.0]), t([-11.0, -11.0, -11.0]), beta=0.1)
+    loss = dpo_loss(t([-10.0, -12.0, -11.0]), t([1.0, 0.0, 0.0]), t([-11.0, -11.0, -11.0]), dpo_beta=0.1)
     assert loss.item() == pytest.approx((math.log(1 + e(-0.2)) + math.log(1 + e(-0.1))) / 2)
 
 
@@ -237,3 +268,14 @@ def test_nll_loss():
     assert nll_loss(sums, counts, torch.tensor([0.0, 1.0])).item() == pytest.approx(2.0)
     assert nll_loss(torch.tensor([-6.0, -1.0]), counts, torch.tensor([1.0, 0.0])).item() == pytest.approx(2.0)
     assert nll_loss(sums, counts, torch.zeros(2)).item() == 0.0
+
+
+def test_rrhf_boundary_has_no_force_between_target_and_positive():
+    # RRHF's hinge is not strictly convex, so its boundary is no equilibrium: with s_p = -1, beta 0.5, B = -1.5
+    # and T = 2B - s_p = -2. The negative feels nothing anywhere in [T, s_p] = [-2, -1], B included; it is
+    # pushed down above s_p and up below T.
+    y = t([1.0, 0.0])
+    for s_n in (-1.9, -1.5, -1.1):
+        assert grad_of(rrhf_loss, t([-1.0, s_n]), y, constraint="boundary", beta=0.5)[1].item() == 0.0
+    assert grad_of(rrhf_loss, t([-1.0, -0.5]), y, constraint="boundary", beta=0.5)[1].item() > 0
+    assert grad_of(rrhf_loss, t([-1.0, -2.5]), y, constraint="boundary", beta=0.5)[1].item() < 0

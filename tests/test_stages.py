@@ -133,6 +133,10 @@ def test_demo_quick_and_report(tmp_path, capsys):
     results = json.loads((tmp_path / "demo" / "results.json").read_text())["results"]
     assert list(results) == ["VFT (start)", "VFT + more SFT (control)", "AFT (boundary)"]
     assert "A-accuracy" in capsys.readouterr().out
+    for label in ("VFT + more SFT (control)", "AFT (boundary)"):  # paired difference from VFT on the same questions
+        diff = results[label]["vs_vft"]
+        assert diff["units"] == results[label]["questions"] and diff["se"] >= 0
+        assert diff["difference"] == pytest.approx(results[label]["accuracy"] - results["VFT (start)"]["accuracy"])
     assert main(["report", str(tmp_path / "demo")]) == 0
     for name in ("report.md", "scores.png", "accuracy.png", "training.png"):
         assert (tmp_path / "demo" / "report" / name).stat().st_size > 0

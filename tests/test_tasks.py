@@ -233,6 +233,20 @@ def test_arithmetic_is_deterministic_and_splits_are_disjoint():
     assert len(task.load("train", limit=7)) == 7
 
 
+def test_arithmetic_splits_share_no_problem_whatever_its_story():
+    # Two questions with the same numbers and operations are one problem, told differently: with few distinct
+    # problems (values up to 5, one or two steps) a text-only check would let them cross between splits.
+    task = load_task("arithmetic", variant="shop+mixed", min_steps=1, max_steps=2, max_value=5, n_train=400,
+                     n_val=60, n_test=60)
+    problems = {split: [ex["solution"].rsplit("####", 1)[0] for ex in task.load(split)]
+                for split in ("train", "validation", "test")}
+    for split, solutions in problems.items():
+        assert len(set(solutions)) == len(solutions), split
+    assert not set(problems["train"]) & set(problems["test"])
+    assert not set(problems["train"]) & set(problems["validation"])
+    assert not set(problems["validation"]) & set(problems["test"])
+
+
 @pytest.mark.parametrize("variant", ["shop", "mixed"])
 def test_arithmetic_gold_is_correct_and_every_step_verifies(variant):
     task = load_task("arithmetic", variant=variant, max_steps=5, n_train=500)

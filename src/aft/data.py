@@ -235,6 +235,16 @@ class GroupCollator:
         self.pad_id = pad_id
         self.nll_on = nll_on
 
+    def nll_candidates(self, feature) -> set[int]:
+        """The candidates the NLL term trains on: every positive (``positives``, ``both``), or under ``best``
+        one, the positive of the highest label (the first of equals), as RRHF and PRO train their SFT term."""
+        found = [k for k, p in enumerate(feature["positive"]) if p]
+        if self.nll_on in ("positives", "both"):
+            return set(found)
+        if self.nll_on == "best" and found:
+            return {max(found, key=lambda k: (feature["labels"][k], -k))}
+        return set()
+
     def __call__(self, features):
         prompts, completions, group_index, candidate_index, nll_weight = [], [], [], [], []
         width = max(1, max(len(f["completion_ids"]) for f in features))
@@ -242,12 +252,13 @@ class GroupCollator:
         mask = torch.zeros(len(features), width, dtype=torch.bool)
         ref_logps = torch.zeros(len(features), width)
         for g, f in enumerate(features):
+            on = self.nll_candidates(f)
             for k, ids in enumerate(f["completion_ids"]):
                 prompts.append(f["prompt_ids"])
                 completions.append(ids)
                 group_index.append(g)
                 candidate_index.append(k)
-                nll_weight.append(float(self.nll_on in ("positives", "both") and f["positive"][k]))
+                nll_weight.append(float(k in on))
             n = len(f["completion_ids"])
             labels[g, :n] = torch.tensor(f["labels"])
             mask[g, :n] = True

@@ -42,17 +42,34 @@ def demo_config(run_dir: str, quick: bool = False) -> dict:
     return cfg
 
 
+def _correct(run_dir: Path, eval_name: str) -> dict:
+    path = run_dir / eval_name / "predictions.jsonl"
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+    return {r["id"]: float(r["correct"]) for r in rows}
+
+
 def results_table(run_dir: Path) -> tuple[dict, str]:
+    """Each model's metrics and, against VFT, its paired accuracy difference on the same test questions ± its
+    standard error (``vs_vft``): what separates a real change from test noise."""
+    from aft.study import paired_difference
+
     results = {}
+    start = _correct(run_dir, ROWS[0][1])
     for _, eval_name, label in ROWS:
         path = run_dir / eval_name / "eval.json"
         if path.exists():
             results[label] = json.loads(path.read_text())
-    header = f"{'model':<26}" + "".join(f"{title:>12}" for _, title, _ in COLUMNS)
+            if eval_name != ROWS[0][1] and start:
+                correct = _correct(run_dir, eval_name)
+                ids = [q for q in start if q in correct]
+                results[label]["vs_vft"] = paired_difference([correct[q] for q in ids], [start[q] for q in ids])
+    header = f"{'model':<26}" + "".join(f"{title:>12}" for _, title, _ in COLUMNS) + f"{'vs VFT ± SE':>16}"
     lines = [header, "-" * len(header)]
     for label, m in results.items():
         cells = "".join(f"{fmt.format(m[key]) if m.get(key) is not None else '-':>12}" for key, _, fmt in COLUMNS)
-        lines.append(f"{label:<26}{cells}")
+        diff = m.get("vs_vft", {})
+        versus = f"{100 * diff['difference']:+.1f} ± {100 * diff['se']:.1f}" if diff.get("difference") is not None else "-"
+        lines.append(f"{label:<26}{cells}{versus:>16}")
     return results, "\n".join(lines)
 
 
@@ -67,7 +84,9 @@ def demo(run_dir: str = "runs/demo", quick: bool = False, overwrite: bool = Fals
     print("\n" + table)
     print(f"\naccuracy: greedy on {next(iter(results.values()))['questions']} test questions; A-accuracy: "
           "share of (right, wrong) pairs of the VFT model's own test samples that the model scores in the "
-          "right order; score +/-: mean length-normalised log-likelihood of right/wrong samples.")
+          "right order; score +/-: mean length-normalised log-likelihood of right/wrong samples; vs VFT: "
+          "accuracy difference from VFT on the same questions, in points, ± its standard error (a difference "
+          "within 2 SE of 0 is noise).")
     print(f"{minutes:.1f} minutes; results in {out / 'results.json'}")
     return summary
 

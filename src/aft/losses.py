@@ -19,10 +19,16 @@ without bound and the model collapses. Every loss here takes ``constraint``:
 - ``"detach"`` (DC): the worse candidate of each pair gets no gradient (stop-gradient, ``sg``).
 - ``"boundary"`` (BC): for each worse candidate j, a boundary ``B_j = min_{i better than j} s_i - beta``
   and, for each pair, a target ``T_ij = 2 B_j - s_i``, both constants (no gradient; *inferred*: the
-  paper does not say). Each pair term ``phi(s_i - s_j)`` gains a mirror term ``phi(s_j - T_ij)``. For any
-  convex ``phi`` the two pull on s_j with equal force exactly when ``s_i - s_j = s_j - T_ij``, that is
-  at ``s_j = B_j``: above B_j the worse score is pushed down, below it pulled back up. With binary labels
-  all B_j equal ``min_{p in P} s_p - beta``, the paper's boundary. ``beta -> inf`` gives back "none".
+  paper does not say). Each pair term ``phi(s_i - s_j)`` gains a mirror term ``phi(s_j - T_ij)``, so the
+  force on s_j is ``phi'(s_j - T_ij) - phi'(s_i - s_j)``. Where ``phi`` is strictly convex (AFT's and PRO's
+  ``log(1 + sum exp)``, DPO's softplus) the two forces are equal only when ``s_i - s_j = s_j - T_ij``,
+  that is at ``s_j = B_j``: above B_j the worse score is pushed down, below it pulled back up. RRHF's
+  hinge ``phi(x) = max(0, -x)`` is not strictly convex: its pair term pushes s_j down only while
+  ``s_j > s_i`` and its mirror pulls it up only while ``s_j < T_ij``, so there is no force anywhere in
+  ``[T_ij, s_i]`` and no equilibrium at B_j (the boundary only stops s_j falling below T_ij). With binary
+  labels all B_j equal ``min_{p in P} s_p - beta``, the paper's boundary. ``beta -> inf`` gives back "none".
+  ``beta`` is a margin on the length-normalised scores s (nats per token); DPO's boundary is in DPO's own
+  units (``dpo_loss``'s ``dpo_boundary``).
 
 The ranking form of the boundary (B_j over the candidates better than j) is our generalisation; it
 reduces exactly to the paper's binary case. Reductions: ``"mean"`` over groups (groups without a pair
@@ -143,7 +149,7 @@ def rrhf_loss(scores, labels, mask=None, constraint: str = "none", beta: float =
 
         L_RRHF = sum_{(i,j)} max(0, s_j - s_i)      [+ max(0, T_ij - s_j) under "boundary"]
 
-    The NLL on the best candidate that RRHF adds is ``nll_loss``; the trainer adds it.
+    The NLL on the best candidate that RRHF adds is ``nll_loss``; the trainer adds it (``nll_on="best"``).
     """
     _check(scores, labels, mask, constraint, reduction)
     pairs = pair_mask(labels, mask)
@@ -154,26 +160,35 @@ def rrhf_loss(scores, labels, mask=None, constraint: str = "none", beta: float =
     return _reduce((per_pair * pairs).sum(dim=(1, 2)), reduction)
 
 
-def dpo_loss(logps, labels, ref_logps, mask=None, beta: float = 0.1, constraint: str = "none",
-             boundary_beta: float = 0.5, reduction: str = "mean"):
+def dpo_loss(logps, labels, ref_logps, mask=None, dpo_beta: float = 0.1, constraint: str = "none",
+             dpo_boundary: float = 2.0, reduction: str = "mean"):
     """DPO (Rafailov et al. 2023) over every (better i, worse j) pair of a group::
 
         r_c     = logp(c) - logp_ref(c)          (summed, not length-normalised, log-probs)
-        L_DPO   = mean_{(i,j)} -log sigmoid(beta * (r_i - r_j))
+        L_DPO   = mean_{(i,j)} -log sigmoid(dpo_beta * (r_i - r_j))
 
-    averaged over the group's pairs, so one pair per group is exactly TRL's ``sigmoid`` DPO loss. The
-    constraint acts on the implicit rewards r: "detach" stops the gradient of r_j, "boundary" adds
-    ``-log sigmoid(beta * (r_j - T_ij))`` with ``B_j = min_{i better than j} r_i - boundary_beta``.
+    averaged over the group's pairs, so one pair per group is exactly TRL's ``sigmoid`` DPO loss.
+    ``dpo_beta`` is DPO's temperature (TRL's ``beta``). The constraint acts on the implicit rewards r:
+    "detach" stops the gradient of r_j, "boundary" adds ``-log sigmoid(dpo_beta * (r_j - T_ij))`` with::
+
+        B_j = min_{i better than j} r_i - dpo_boundary / dpo_beta,      T_ij = 2 B_j - r_i
+
+    The boundary is in DPO's own units (our choice; the paper does not define a constrained DPO): the
+    margin ``dpo_boundary`` is on the logit ``dpo_beta * r`` that DPO's sigmoid reads, so the negative's
+    equilibrium is where the model prefers the lowest better candidate over it by that logit (2: a
+    preference of sigmoid(2) = 0.88), whatever the temperature and the length of the COTs. A margin of
+    ``beta`` (~0.05-0.5, made for length-normalised scores) on summed log-prob rewards of tens of nats
+    would put the boundary almost on the positives and freeze the negatives.
     """
     _check(logps, labels, mask, constraint, reduction)
     if ref_logps.shape != logps.shape:
         raise ValueError(f"ref_logps must have the shape of logps {tuple(logps.shape)}")
     pairs = pair_mask(labels, mask)
     rewards = logps - ref_logps.detach()
-    margin, mirror = pair_terms(rewards, pairs, constraint, boundary_beta)
-    per_pair = F.softplus(-beta * margin)  # -log sigmoid(x) = softplus(-x)
+    margin, mirror = pair_terms(rewards, pairs, constraint, dpo_boundary / dpo_beta)
+    per_pair = F.softplus(-dpo_beta * margin)  # -log sigmoid(x) = softplus(-x)
     if mirror is not None:
-        per_pair = per_pair + F.softplus(-beta * mirror)
+        per_pair = per_pair + F.softplus(-dpo_beta * mirror)
     n_pairs = pairs.sum(dim=(1, 2))
     per_group = (per_pair * pairs).sum(dim=(1, 2)) / n_pairs.clamp(min=1)
     return _reduce(per_group, reduction)

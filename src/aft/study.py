@@ -1,22 +1,28 @@
-"""``aft study CONFIG.yaml``: the paper's comparison at small scale, over seeds, resumable, written up.
+"""``aft study CONFIG.yaml``: the paper's comparison at small scale, seed by seed, judged against noise.
 
-For every seed, one pipeline of ``aft run`` stages in ``RUN_DIR/seed{N}``:
+A study's unit of work is one seed: one pipeline of ``aft run`` stages in ``RUN_DIR/seed{N}``:
 
-- the ``base`` stages: a model from scratch, VFT trained to a plateau of validation accuracy (early
-  stopping), k sampled COTs per training question labelled two ways (binary, step-verified ranking), and
-  the VFT model's samples of the test questions (the fixed set for assessment accuracy);
-- one training stage per ``method`` from the same VFT model and the same groups, then its evaluation on
-  the test split (and, for the methods under ``ood``, on harder questions than trained on).
+- the ``base`` stages: a model from scratch, VFT for a fixed epoch budget (validation accuracy logged after
+  each epoch, so the plateau shows), k sampled COTs per training question labelled (binary, step-verified
+  ranking), and the VFT model's samples of the test questions (the fixed set for assessment accuracy);
+- on the sweep's seed, every tuned method trained at each point of its grid and evaluated on the
+  *validation* split: each method gets a grid of the same size (an equal budget) over its own knobs
+  (learning rate; ``beta`` for constrained losses, ``dpo_beta`` for DPO) and is tested at its own best;
+- one training stage per ``method`` (on the sweep's seed the sweep's model at the chosen point is reused:
+  same seed, data and values), then its evaluation on the test split (and on harder questions for ``ood``).
 
-Before the seeds, the ``sweep`` trains one method at every point of a small grid on the first seed and
-evaluates it on the *validation* split; the best point's values are used by every method that has those
-fields. Every stage writes ``DONE``, so a second run continues where the first stopped. At the end every
-``eval.json`` is gathered into ``study.json`` (per seed, mean and spread), the paper's claims listed in
-the config are checked seed by seed, and ``results.md`` is written with its plots (drawn by the same
-functions as ``aft report``)::
+When a seed finishes, everything the report needs is written to a small seed file
+(``outputs.seeds``/seed{N}.json, committed): every metric, each method's per-question test correctness and
+per-question ordered pairs (the paired statistics need them), the values chosen, the tokens each method
+trained on, VFT's per-epoch training loss and validation accuracy, the machine, versions and wall time.
+Models and samples stay in the run folder and are not needed afterwards: ``--report`` rebuilds the summary,
+the claims, the tables and the plots from the seed files alone, so the seeds of one study can run on
+different days and machines. Claims are judged by the rule registered in the config (``rule``): the paired
+difference on the same test questions, pooled over seeds, against its standard error::
 
-    aft study configs/study.yaml            # the committed study: docs/results.md
-    aft study configs/study.yaml --report   # rewrite the report from the runs on disk, train nothing
+    aft study configs/study.yaml --seeds 0   # one seed (its sweep first, if it is the sweep's seed)
+    aft study configs/study.yaml             # every seed of the config, one after another
+    aft study configs/study.yaml --report    # rewrite the page from the seed files, train nothing
 """
 
 from __future__ import annotations
@@ -24,9 +30,13 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import math
+import os
 import platform
+import re
 import statistics
-import time
+import subprocess
+from collections import defaultdict
 from dataclasses import fields
 from pathlib import Path
 
@@ -35,6 +45,7 @@ import yaml
 from aft.pipeline import run_config, stage_table
 
 METRICS = ("accuracy", "assessment_accuracy", "score_positive", "score_negative")
+VFT = "vft"  # the base stage every method starts from
 
 
 # ---- expanding the config into pipeline stages ----------------------------------------------------------
@@ -43,49 +54,62 @@ def _fields_of(stage: str) -> set[str]:
     return {f.name for f in fields(stage_table()[stage][0])}
 
 
+def _stage_of(cfg: dict, method: dict) -> str:
+    return method.get("stage", cfg.get("method_defaults", {}).get("stage", "align"))
+
+
 def _method_spec(cfg: dict, method: dict, chosen: dict | None = None) -> dict:
-    """A method's training stage: its own keys over the sweep's chosen values over ``method_defaults``
+    """A method's training stage: the sweep's chosen values over its own keys over ``method_defaults``
     (only the keys its stage has)."""
-    stage = method.get("stage", cfg.get("method_defaults", {}).get("stage", "align"))
+    stage = _stage_of(cfg, method)
     names = _fields_of(stage)
-    return {**{k: v for k, v in {**cfg.get("method_defaults", {}), **(chosen or {})}.items() if k in names},
-            **{k: v for k, v in method.items() if k != "label"}, "stage": stage}
+    spec = {k: v for k, v in cfg.get("method_defaults", {}).items() if k in names}
+    spec.update({k: v for k, v in method.items() if k not in ("label", "tune")})
+    return {**spec, **(chosen or {}), "stage": stage}
 
 
-def method_stages(cfg: dict, method: dict, chosen: dict, seed: int) -> list[dict]:
-    """The training stage of one method (none for a base model) and its evaluation stages."""
-    name = method["name"]
-    stages = []
-    if name not in {s["name"] for s in cfg["base"]}:
-        spec = _method_spec(cfg, method, chosen)
-        curve = cfg.get("curve", {})
-        if name in curve.get("methods", []) and seed in curve.get("seeds", [seed]):
-            spec.update({"eval_task": cfg.get("defaults", {}).get("task"), **curve.get("stage", {})})
-        stages.append(spec)
-    stages.append({**cfg["evaluation"], "name": f"eval_{name}", "stage": "eval", "model": name})
-    ood = cfg.get("ood")
-    if ood and name in ood["methods"]:
-        stages.append({**cfg["evaluation"], "name": f"ood_{name}", "stage": "eval", "model": name,
-                       "task": ood["task"], "groups": None})
-    return stages
+def sweep_points(cfg: dict, method: dict) -> list[dict]:
+    """The grid points of a tuned method (``tune`` names one of ``sweep.grids``); none if it is not tuned."""
+    grid = cfg.get("sweep", {}).get("grids", {}).get(method.get("tune"), {})
+    return [dict(zip(grid, values)) for values in itertools.product(*grid.values())] if grid else []
 
 
-def sweep_points(cfg: dict) -> list[dict]:
-    sweep = cfg.get("sweep") or {}
-    grid = sweep.get("grid") or {}
-    return [dict(zip(grid, values)) for values in itertools.product(*grid.values())]
+def sweep_seed(cfg: dict) -> int | None:
+    return cfg["sweep"].get("seed", cfg["seeds"][0]) if cfg.get("sweep") else None
 
 
 def sweep_stages(cfg: dict) -> list[dict]:
-    """Every grid point trains ``sweep.method`` and evaluates it on the validation split."""
-    sweep = cfg["sweep"]
-    method = next(m for m in cfg["methods"] if m["name"] == sweep["method"])
+    """Every tuned method at every point of its grid, each evaluated on the validation split."""
     stages = []
-    for i, point in enumerate(sweep_points(cfg)):
-        spec = {**_method_spec(cfg, method), **point, "name": f"sweep{i}"}
-        stages.append(spec)
-        stages.append({**cfg["evaluation"], **sweep.get("evaluation", {}), "name": f"sweep{i}_eval",
-                       "stage": "eval", "model": spec["name"], "split": "validation", "groups": None})
+    for method in cfg["methods"]:
+        for i, point in enumerate(sweep_points(cfg, method)):
+            name = f"sweep_{method['name']}_{i}"
+            stages.append({**_method_spec(cfg, method, point), "name": name})
+            stages.append({**cfg["evaluation"], **cfg["sweep"].get("evaluation", {}), "name": f"{name}_eval",
+                           "stage": "eval", "model": name, "split": "validation", "groups": None})
+    return stages
+
+
+def method_stages(cfg: dict, method: dict, chosen: dict, seed: int, reuse: str | None = None) -> list[dict]:
+    """The training stage of one method (none for a base model, or where ``reuse`` names a stage that trained
+    the same thing) and its evaluation stages."""
+    name = method["name"]
+    stages, model = [], name
+    if name not in {s["name"] for s in cfg["base"]}:
+        curve = cfg.get("curve", {})
+        on_curve = name in curve.get("methods", []) and seed in curve.get("seeds", [seed])
+        if reuse and not on_curve:  # a path: the sweep's stage ran in an earlier pipeline of this seed
+            model = str(Path(cfg["run_dir"]) / f"seed{seed}" / reuse)
+        else:
+            spec = _method_spec(cfg, method, chosen)
+            if on_curve:  # evaluation while training: the same training, logged against step
+                spec.update({"eval_task": cfg.get("defaults", {}).get("task"), **curve.get("stage", {})})
+            stages.append(spec)
+    stages.append({**cfg["evaluation"], "name": f"eval_{name}", "stage": "eval", "model": model})
+    ood = cfg.get("ood")
+    if ood and name in ood["methods"]:
+        stages.append({**cfg["evaluation"], "name": f"ood_{name}", "stage": "eval", "model": model,
+                       "task": ood["task"], "groups": None})
     return stages
 
 
@@ -94,34 +118,252 @@ def seed_config(cfg: dict, seed: int, stages: list[dict]) -> dict:
             "stages": [dict(s) for s in cfg["base"]] + stages, "overwrite": cfg.get("overwrite", False)}
 
 
-def choose(cfg: dict) -> tuple[dict, list[dict]]:
-    """Run the sweep (first seed, validation split); the best point's values and every point's result."""
+def seed_file(cfg: dict, seed: int) -> Path:
+    return Path(cfg["outputs"]["seeds"]) / f"seed{seed}.json"
+
+
+def tune(cfg: dict, seed: int) -> tuple[dict, list[dict], dict]:
+    """The values each tuned method is tested at: ``{method: {field: value}}``, the sweep's table and, per
+    method, the sweep stage whose model is the chosen point's. The sweep runs on its own seed; another seed
+    reads the choice from that seed's file (so seeds may run apart, in any order after the sweep's)."""
     if not cfg.get("sweep"):
-        return {}, []
-    seed = cfg["seeds"][0]
+        return {}, [], {}
+    if seed != sweep_seed(cfg):
+        path = seed_file(cfg, sweep_seed(cfg))
+        if not path.exists():
+            raise FileNotFoundError(f"{path}: run seed {sweep_seed(cfg)} first; its sweep chooses the values "
+                                    f"seed {seed} is trained at")
+        return json.loads(path.read_text())["chosen"], [], {}
     run_dir = run_config(seed_config(cfg, seed, sweep_stages(cfg)))
-    results = []
-    for i, point in enumerate(sweep_points(cfg)):
-        metrics = json.loads((run_dir / f"sweep{i}_eval" / "eval.json").read_text())
-        results.append({**point, "validation_accuracy": metrics["accuracy"]})
-    best = max(results, key=lambda r: r["validation_accuracy"])  # first of equals: the grid's order decides
-    return {k: best[k] for k in cfg["sweep"]["grid"]}, results
+    chosen, table, reuse = {}, [], {}
+    for method in cfg["methods"]:
+        results = []
+        for i, point in enumerate(sweep_points(cfg, method)):
+            metrics = json.loads((run_dir / f"sweep_{method['name']}_{i}_eval" / "eval.json").read_text())
+            results.append({"method": method["name"], **point, "validation_accuracy": metrics["accuracy"],
+                            "stage": f"sweep_{method['name']}_{i}"})
+        if results:
+            best = max(results, key=lambda r: r["validation_accuracy"])  # first of equals: the grid's order
+            chosen[method["name"]] = {k: best[k] for k in sweep_points(cfg, method)[0]}
+            reuse[method["name"]] = best["stage"]
+            table += [{**r, "chosen": r is best} for r in results]
+    return chosen, [{k: v for k, v in r.items() if k != "stage"} for r in table], reuse
 
 
-def run_study(cfg: dict) -> dict:
-    """Train and evaluate everything the config asks for (skipping what is done); returns the summary."""
-    start = time.time()
-    chosen, sweep = choose(cfg)
-    for seed in cfg["seeds"]:
-        stages = [s for m in cfg["methods"] for s in method_stages(cfg, m, chosen, seed)]
-        run_config(seed_config(cfg, seed, stages))
-    return summarize(cfg, chosen, sweep, minutes=(time.time() - start) / 60)
+def run_seed(cfg: dict, seed: int) -> dict:
+    """Train and evaluate one seed (skipping what is done), then write its seed file; returns its record."""
+    chosen, sweep, reuse = tune(cfg, seed)
+    stages = [s for m in cfg["methods"]
+              for s in method_stages(cfg, m, chosen.get(m["name"], {}), seed, reuse.get(m["name"]))]
+    run_dir = run_config(seed_config(cfg, seed, stages))
+    record = seed_record(cfg, seed, run_dir, chosen, sweep, reuse)
+    path = seed_file(cfg, seed)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(compact_json(record) + "\n")
+    print(f"study: seed {seed} written to {path}")
+    return record
 
 
-# ---- gathering and judging -------------------------------------------------------------------------------
+# ---- one seed's record, from its run folder ----------------------------------------------------------------
+
+def compact_json(obj) -> str:
+    """Indented JSON with every list of numbers or strings on one line: a seed file stays small and diffable."""
+    text = json.dumps(obj, indent=1)
+    return re.sub(r"\[\n\s*((?:(?:-?[\d.eE+-]+|\"[^\"\n]*\"|true|false|null),\n\s*)*(?:-?[\d.eE+-]+|\"[^\"\n]*\"|true|false|null))\n\s*\]",
+                  lambda m: "[" + ", ".join(x.strip() for x in m.group(1).split(",\n")) + "]", text)
+
 
 def _read(path: Path):
     return json.loads(path.read_text()) if path.exists() else None
+
+
+def _jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+
+
+def ordered_pairs(rows: list[dict]) -> dict[str, tuple[float, int]]:
+    """Per test group (by id), from ``scores.jsonl``: (pairs ordered right, ties counting one half; pairs) over
+    the (better, worse) pairs of scored candidates: assessment accuracy question by question."""
+    by_group = defaultdict(list)
+    for r in rows:
+        if r["score"] is not None:
+            by_group[r["id"]].append((r["label"], r["score"]))
+    out = {}
+    for gid, cands in by_group.items():
+        pairs = [(si, sj) for li, si in cands for lj, sj in cands if li > lj]
+        out[gid] = (sum(1.0 if si > sj else 0.5 if si == sj else 0.0 for si, sj in pairs), len(pairs))
+    return out
+
+
+def _vft_epochs(state: dict | None) -> list[dict]:
+    """VFT's mean logged training loss and its validation accuracy, per epoch."""
+    if not state:
+        return []
+    history = state.get("log_history", [])
+    epochs = sorted({math.ceil(h["epoch"] - 1e-9) for h in history if "epoch" in h and h["epoch"] > 0})
+    rows = []
+    for e in epochs:
+        losses = [h["loss"] for h in history if "loss" in h and e - 1 < h.get("epoch", 0) <= e + 1e-9]
+        accuracy = [h["eval_accuracy"] for h in history if "eval_accuracy" in h and abs(h["epoch"] - e) < 1e-6]
+        rows.append({"epoch": e, "train_loss": statistics.fmean(losses) if losses else None,
+                     "validation_accuracy": accuracy[-1] if accuracy else None})
+    return rows
+
+
+def _tokens(state: dict | None) -> int | None:
+    found = [h["train_completion_tokens"] for h in (state or {}).get("log_history", []) if "train_completion_tokens" in h]
+    return found[-1] if found else None
+
+
+def _environment() -> dict:
+    import torch
+    import transformers
+
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                cwd=Path(__file__).parent, timeout=10).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        commit = None
+    return {"machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+                        "cpus": os.cpu_count(), "accelerator": torch.cuda.get_device_name(0)
+                        if torch.cuda.is_available() else None},
+            "versions": {"python": platform.python_version(), "torch": torch.__version__,
+                         "transformers": transformers.__version__, "aft_commit": commit}}
+
+
+def seed_record(cfg: dict, seed: int, run_dir: Path, chosen: dict, sweep: list[dict], reuse: dict) -> dict:
+    """Everything the report needs from one seed, read from its run folder."""
+    seconds = {}
+    for done in sorted(run_dir.glob("*/DONE")):
+        try:
+            seconds[done.parent.name] = json.loads(done.read_text()).get("seconds")
+        except (json.JSONDecodeError, AttributeError):
+            seconds[done.parent.name] = None
+    questions = [r["id"] for r in _jsonl(run_dir / f"eval_{VFT}" / "predictions.jsonl")]
+    from aft.tasks import load_task
+
+    task = load_task(cfg["evaluation"].get("task", cfg.get("defaults", {}).get("task")))
+    variant = {e["id"]: e.get("variant") for e in task.load(cfg["evaluation"].get("split", "test"))}
+    vft_pairs = ordered_pairs(_jsonl(run_dir / f"eval_{VFT}" / "scores.jsonl"))
+    groups = sorted(vft_pairs)
+    test_pairs = [vft_pairs[g][1] for g in groups]
+    methods = {}
+    for method in cfg["methods"]:
+        name = method["name"]
+        metrics = _read(run_dir / f"eval_{name}" / "eval.json")
+        if not metrics:
+            continue
+        correct = {r["id"]: r["correct"] for r in _jsonl(run_dir / f"eval_{name}" / "predictions.jsonl")}
+        pairs = ordered_pairs(_jsonl(run_dir / f"eval_{name}" / "scores.jsonl"))
+        entry = {**{k: metrics.get(k) for k in METRICS},
+                 "accuracy_by_variant": metrics.get("accuracy_by_variant", {}),
+                 "correct": "".join("1" if correct[q] else "0" for q in questions),
+                 "ordered": [pairs.get(g, (0.0, 0))[0] for g in groups]}
+        if [pairs.get(g, (0.0, 0))[1] for g in groups] != test_pairs:  # scored on other pairs than VFT's (rare)
+            entry["pairs"] = [pairs.get(g, (0.0, 0))[1] for g in groups]
+        ood = _read(run_dir / f"ood_{name}" / "eval.json")
+        if ood:
+            entry["ood_accuracy"] = ood["accuracy"]
+            entry["ood_correct"] = "".join("1" if r["correct"] else "0"
+                                           for r in _jsonl(run_dir / f"ood_{name}" / "predictions.jsonl"))
+        trained = reuse.get(name, name)
+        if name not in {s["name"] for s in cfg["base"]}:
+            entry["train_tokens"] = _tokens(_read(run_dir / trained / "trainer_state.json"))
+            entry["hyperparameters"] = {k: v for k, v in _method_spec(cfg, method, chosen.get(name)).items()
+                                        if k in ("learning_rate", "beta", "dpo_beta", "dpo_boundary", "nll_on",
+                                                 "nll_weight", "constraint", "loss")}
+        methods[name] = entry
+    vft_state = _read(run_dir / VFT / "trainer_state.json")
+    record = {"seed": seed, "study": cfg.get("title"), **_environment(),
+              "seconds": round(sum(s for s in seconds.values() if s), 1), "stage_seconds": seconds,
+              "chosen": chosen, "sweep": sweep,
+              "vft": {"epochs": _vft_epochs(vft_state), "train_tokens": _tokens(vft_state)},
+              "test": {"questions": questions, "variant": [variant.get(q) for q in questions], "groups": groups,
+                       "pairs": test_pairs},
+              "methods": methods}
+    from aft.report import collect
+
+    _, scores, training = collect(run_dir)
+    record["scores"] = {n: {"right": [round(r["score"], 4) for r in scores[f"eval_{n}"] if r["correct"]],
+                            "wrong": [round(r["score"], 4) for r in scores[f"eval_{n}"] if not r["correct"]]}
+                        for n in cfg.get("plots", {}).get("scores", []) if f"eval_{n}" in scores}
+    keys = ("step", "loss", "score_positive", "score_negative", "pair_accuracy", "eval_accuracy",
+            "eval_assessment_accuracy")
+    record["curves"] = {n: [{k: h[k] for k in keys if k in h} for h in training[n]]
+                        for n in cfg.get("curve", {}).get("methods", []) if n in training}
+    return record
+
+
+# ---- statistics and judging ------------------------------------------------------------------------------
+
+def paired_difference(a: list[float], b: list[float], weights: list[float] | None = None) -> dict:
+    """The difference of two methods measured on the same units (questions, pooled over seeds) and its
+    standard error. Per unit q: ``d_q = a_q - b_q`` (e.g. 1 - 0 when only a answers q right); with weights
+    ``n_q`` (pairs per question, for assessment accuracy) the difference is the ratio ``sum d / sum n`` and
+    the SE the usual one of a ratio over clusters::
+
+        diff = sum_q d_q / sum_q n_q,    SE = sqrt(Q / (Q - 1) * sum_q (d_q - diff * n_q)^2) / sum_q n_q
+
+    which for n_q = 1 is the standard deviation of the d_q over sqrt(Q)."""
+    weights = weights or [1.0] * len(a)
+    units = [(x - y, n) for x, y, n in zip(a, b, weights) if n]
+    total = sum(n for _, n in units)
+    if not units or not total:
+        return {"difference": None, "se": None, "units": 0}
+    diff = sum(d for d, _ in units) / total
+    q = len(units)
+    se = math.sqrt(q / (q - 1) * sum((d - diff * n) ** 2 for d, n in units)) / total if q > 1 else float("inf")
+    return {"difference": diff, "se": se, "units": q}
+
+
+def per_question(record: dict, name: str, metric: str) -> tuple[list[float], list[float]] | None:
+    """One seed's per-question values of a metric for one method, and their weights; None if not measured."""
+    m = record["methods"].get(name)
+    if not m:
+        return None
+    if metric == "assessment_accuracy":
+        return m["ordered"], m["pairs"] if "pairs" in m else record["test"]["pairs"]
+    if metric == "ood_accuracy":
+        return ([float(c) for c in m["ood_correct"]], [1.0] * len(m["ood_correct"])) if "ood_correct" in m else None
+    correct = [float(c) for c in m["correct"]]
+    if metric.startswith("accuracy:"):
+        keep = [v == metric.split(":", 1)[1] for v in record["test"]["variant"]]
+        return correct, [float(k) for k in keep]
+    return correct, [1.0] * len(correct)
+
+
+def compare(records: list[dict], a: str, b: str, metric: str = "accuracy") -> dict:
+    """``paired_difference`` of a over b, pooled over the seeds that measured both; per-seed differences too."""
+    xs, ys, ws, per_seed = [], [], [], {}
+    for record in records:
+        x, y = per_question(record, a, metric), per_question(record, b, metric)
+        if x is None or y is None:
+            continue
+        xs += x[0]
+        ys += y[0]
+        ws += x[1]
+        per_seed[str(record["seed"])] = paired_difference(x[0], y[0], x[1])["difference"]
+    return {**paired_difference(xs, ys, ws), "per_seed": per_seed}
+
+
+def judge(claim: dict, records: list[dict], standard_errors: float = 2.0) -> dict:
+    """A claim's verdict by the rule registered in the config: held if the pooled paired difference is beyond
+    ``standard_errors`` SE in the claimed direction (``expect``: greater, less), not held if beyond it the other
+    way, unclear otherwise. ``expect: equal`` (within ``tolerance``): held if the whole interval diff ± k SE
+    lies within the tolerance, not held if it lies wholly outside, unclear otherwise."""
+    found = compare(records, claim["a"], claim["b"], claim.get("metric", "accuracy"))
+    out = {**claim, **found}
+    d, se = found["difference"], found["se"]
+    if d is None:
+        return {**out, "verdict": "not run"}
+    k, expect = standard_errors, claim.get("expect", "greater")
+    if expect == "equal":
+        tol = claim.get("tolerance", 0.015)
+        verdict = "held" if abs(d) + k * se <= tol else "not held" if abs(d) - k * se > tol else "unclear"
+    else:
+        signed = d if expect == "greater" else -d
+        verdict = "held" if signed > k * se else "not held" if signed < -k * se else "unclear"
+    return {**out, "verdict": verdict}
 
 
 def spread(values: list[float]) -> dict:
@@ -132,69 +374,41 @@ def spread(values: list[float]) -> dict:
             "n": len(values), "values": values}
 
 
-def summarize(cfg: dict, chosen: dict, sweep: list[dict], minutes: float | None = None) -> dict:
-    run_dir = Path(cfg["run_dir"])
+def load_records(cfg: dict, seeds: list[int] | None = None) -> list[dict]:
+    """The seed files of the study's seeds that exist (in the config's seed order)."""
+    return [json.loads(seed_file(cfg, s).read_text()) for s in (seeds or cfg["seeds"]) if seed_file(cfg, s).exists()]
+
+
+def summarize(cfg: dict, records: list[dict]) -> dict:
+    """The study's summary from its seed files alone: per method, per seed and mean; claims; VFT per epoch."""
+    k = cfg.get("rule", {}).get("standard_errors", 2.0)
     methods = {}
     for method in cfg["methods"]:
         name = method["name"]
-        evals = {s: _read(run_dir / f"seed{s}" / f"eval_{name}" / "eval.json") for s in cfg["seeds"]}
-        oods = {s: _read(run_dir / f"seed{s}" / f"ood_{name}" / "eval.json") for s in cfg["seeds"]}
-        # every per-seed value under its seed, so claims pair seeds even when a stage is missing for one
-        per_seed = {}
-        for s, m in evals.items():
-            if m:
-                per_seed[str(s)] = {**{k: m.get(k) for k in METRICS},
-                                    **{f"accuracy:{v}": a for v, a in m.get("accuracy_by_variant", {}).items()}}
-                if oods[s]:
-                    per_seed[str(s)]["ood_accuracy"] = oods[s]["accuracy"]
-        entry = {"label": method.get("label", name), "seeds": [int(s) for s in per_seed]}
-        for metric in METRICS:
-            entry[metric] = spread([m.get(metric) for m in per_seed.values()])
-        variants = sorted({k.split(":", 1)[1] for m in per_seed.values() for k in m if k.startswith("accuracy:")})
-        entry["accuracy_by_variant"] = {v: spread([m.get(f"accuracy:{v}") for m in per_seed.values()]) for v in variants}
-        if any("ood_accuracy" in m for m in per_seed.values()):
-            entry["ood_accuracy"] = spread([m.get("ood_accuracy") for m in per_seed.values()])
-        entry["per_seed"] = per_seed
+        seen = [r for r in records if name in r["methods"]]
+        entry = {"label": method.get("label", name), "seeds": [r["seed"] for r in seen]}
+        for metric in METRICS + ("ood_accuracy", "train_tokens"):
+            entry[metric] = spread([r["methods"][name].get(metric) for r in seen])
+        variants = sorted({v for r in seen for v in r["methods"][name]["accuracy_by_variant"]})
+        entry["accuracy_by_variant"] = {v: spread([r["methods"][name]["accuracy_by_variant"].get(v) for r in seen])
+                                        for v in variants}
+        # against the start: paired accuracy difference, and how far the negatives' and positives' mean scores moved
+        entry["vs_vft"] = {key: value for key, value in compare(records, name, VFT).items() if key != "per_seed"}
+        for side in ("negative", "positive"):
+            moved = [r["methods"][name][f"score_{side}"] - r["methods"][VFT][f"score_{side}"] for r in seen
+                     if VFT in r["methods"] and r["methods"][name][f"score_{side}"] is not None
+                     and r["methods"][VFT][f"score_{side}"] is not None]
+            entry[f"score_{side}_moved"] = spread(moved)
+        entry["chosen"] = next((r["chosen"].get(name) for r in records if r.get("chosen", {}).get(name)), None)
+        entry["per_seed"] = {str(r["seed"]): {key: r["methods"][name].get(key) for key in METRICS + ("ood_accuracy",)}
+                             for r in seen}
         methods[name] = entry
-    vft = {s: _read(run_dir / f"seed{s}" / "vft" / "trainer_state.json") for s in cfg["seeds"]}
-    return {"config": cfg, "chosen": chosen, "sweep": sweep, "methods": methods,
-            "vft_epochs": {str(s): st.get("epoch") for s, st in vft.items() if st},
-            "vft_validation": {str(s): [h["eval_accuracy"] for h in st.get("log_history", []) if "eval_accuracy" in h]
-                               for s, st in vft.items() if st},
-            "claims": [judge(claim, methods) for claim in cfg.get("claims", [])],
-            "minutes": None if minutes is None else round(minutes, 1)}
-
-
-def _paired(methods: dict, a: str, b: str, metric: str) -> list[float]:
-    """Per-seed differences a - b of one metric (``ood_accuracy`` and ``accuracy:VARIANT`` allowed)."""
-    def per_seed(name):
-        return {int(s): m[metric] for s, m in methods.get(name, {}).get("per_seed", {}).items()
-                if m.get(metric) is not None}
-
-    x, y = per_seed(a), per_seed(b)
-    return [x[s] - y[s] for s in sorted(set(x) & set(y))]
-
-
-def judge(claim: dict, methods: dict) -> dict:
-    """Check one claim seed by seed. ``expect``: ``greater`` (a above b), ``less`` or ``equal`` (within
-    ``tolerance``). Held: the mean difference goes the claimed way and every seed agrees; not held: the
-    mean goes the other way (or, for ``equal``, is outside the tolerance); unclear: seeds disagree."""
-    diffs = _paired(methods, claim["a"], claim["b"], claim.get("metric", "accuracy"))
-    out = {**claim, "differences": diffs}
-    if not diffs:
-        return {**out, "verdict": "not run", "mean_difference": None}
-    mean = statistics.fmean(diffs)
-    expect = claim.get("expect", "greater")
-    if expect == "equal":
-        tol = claim.get("tolerance", 0.015)
-        verdict = "held" if abs(mean) <= tol else "not held"
-    else:
-        sign = 1 if expect == "greater" else -1
-        if sign * mean <= 0:
-            verdict = "not held"
-        else:
-            verdict = "held" if all(sign * d > 0 for d in diffs) else "unclear (seeds disagree)"
-    return {**out, "verdict": verdict, "mean_difference": mean}
+    return {"config": cfg, "seeds": [r["seed"] for r in records], "rule": {"standard_errors": k},
+            "sweep": [row for r in records for row in r.get("sweep", [])], "methods": methods,
+            "vft": {str(r["seed"]): r["vft"] for r in records},
+            "seconds": {str(r["seed"]): r["seconds"] for r in records},
+            "machines": {str(r["seed"]): r["machine"] for r in records},
+            "claims": [judge(claim, records, k) for claim in cfg.get("claims", [])]}
 
 
 # ---- writing it up ---------------------------------------------------------------------------------------
@@ -205,8 +419,17 @@ def _pct(s: dict | None) -> str:
     return f"{100 * s['mean']:.1f} ± {100 * s['std']:.1f}" if s["n"] > 1 else f"{100 * s['mean']:.1f}"
 
 
-def _num(s: dict | None) -> str:
-    return "-" if not s or s.get("mean") is None else f"{s['mean']:.3f}"
+def _num(s: dict | None, digits: int = 3, signed: bool = False) -> str:
+    if not s or s.get("mean") is None:
+        return "-"
+    return f"{s['mean']:+.{digits}f}" if signed else f"{s['mean']:.{digits}f}"
+
+
+def _diff(c: dict) -> str:
+    """A paired difference in points ± its SE."""
+    if c.get("difference") is None:
+        return "-"
+    return f"{100 * c['difference']:+.1f} ± {100 * c['se']:.1f}"
 
 
 def write_results(summary: dict, command: str) -> Path:
@@ -218,47 +441,59 @@ def write_results(summary: dict, command: str) -> Path:
     md.parent.mkdir(parents=True, exist_ok=True)
     if js:
         Path(js).parent.mkdir(parents=True, exist_ok=True)
-        Path(js).write_text(json.dumps(summary, indent=2) + "\n")
-    methods = summary["methods"]
+        Path(js).write_text(json.dumps(summary, indent=1) + "\n")
+    methods, k = summary["methods"], summary["rule"]["standard_errors"]
     images = plot_study(summary, figures)
     rel = lambda p: Path(p).resolve().relative_to(md.parent.resolve()).as_posix()  # noqa: E731
-    seeds = cfg["seeds"]
+    seeds = summary["seeds"]
+    minutes = ", ".join(f"seed {s}: {sec / 60:.0f} min" for s, sec in summary["seconds"].items() if sec)
     lines = [f"# {cfg.get('title', 'Study results')}", "",
-             f"Written by `{command}` from its own runs ({len(seeds)} seeds: {seeds}"
-             + (f"; {summary['minutes']} minutes" if summary.get("minutes") else "")
-             + f"; {platform.machine()}, Python {platform.python_version()}). "
-             "Rerunning the command reproduces it within seed noise; the numbers are also in "
-             f"`{js}`.", ""]
+             f"Written by `{command}` from the seed files in `{out.get('seeds')}` ({len(seeds)} seeds: {seeds}; "
+             f"{minutes}; machines: " + "; ".join(f"seed {s}: {m['processor']}, {m['cpus']} CPUs"
+                                                 + (f", {m['accelerator']}" if m.get("accelerator") else "")
+                                                 for s, m in summary["machines"].items())
+             + f"). The numbers are also in `{js}`.", ""]
     if cfg.get("description"):
         lines += [cfg["description"].strip(), ""]
     if summary["sweep"]:
         lines += ["## Hyper-parameters chosen on the validation split", "",
-                  f"`{cfg['sweep']['method']}` trained at each point on seed {seeds[0]}, greedy accuracy on "
-                  "validation questions; the best point is used by every method that has the field.", "",
-                  "| " + " | ".join(list(cfg["sweep"]["grid"]) + ["validation accuracy"]) + " |",
-                  "|---" * (len(cfg["sweep"]["grid"]) + 1) + "|"]
+                  f"Each tuned method trained at every point of its own grid (the same number of points each) on seed "
+                  f"{sweep_seed(cfg)}, greedy accuracy on validation questions; each is tested at its own best.", "",
+                  "| method | point | validation accuracy |", "|---|---|---|"]
         for r in summary["sweep"]:
-            mark = " **(chosen)**" if all(r[k] == summary["chosen"][k] for k in summary["chosen"]) else ""
-            lines.append("| " + " | ".join(str(r[k]) for k in cfg["sweep"]["grid"])
-                         + f" | {100 * r['validation_accuracy']:.1f}{mark} |")
+            point = ", ".join(f"{key} {r[key]}" for key in r if key not in ("method", "validation_accuracy", "chosen"))
+            lines.append(f"| {methods[r['method']]['label']} | {point} | {100 * r['validation_accuracy']:.1f}"
+                         + (" **(chosen)**" if r["chosen"] else "") + " |")
         lines.append("")
-    if summary.get("vft_epochs"):
-        lines += ["VFT: epochs trained (early stopping on validation accuracy, or the epoch budget) and validation "
-                  "accuracy (%) after each epoch, per seed; the model kept is the best epoch's:", ""]
-        lines += [f"- seed {s}: {e:g} epochs: " + ", ".join(f"{100 * a:.1f}" for a in summary.get("vft_validation", {})
-                                                           .get(s, [])) for s, e in summary["vft_epochs"].items()]
+    if summary["vft"]:
+        lines += ["## VFT, epoch by epoch", "",
+                  "Mean training loss and validation accuracy (%) after each epoch, per seed (the model kept is the "
+                  "last epoch's unless early stopping is configured):", "",
+                  "| seed | " + " | ".join(f"epoch {e['epoch']}" for e in next(iter(summary["vft"].values()))["epochs"])
+                  + " |", "|---" * (1 + len(next(iter(summary["vft"].values()))["epochs"])) + "|"]
+        for s, v in summary["vft"].items():
+            lines.append(f"| {s} | " + " | ".join(
+                f"{e['train_loss']:.3f} / {100 * e['validation_accuracy']:.1f}" if e["validation_accuracy"] is not None
+                and e["train_loss"] is not None else "-" for e in v["epochs"]) + " |")
         lines.append("")
     lines += ["## Test results", "",
-              "Accuracy: greedy decoding on the test split, % (mean ± standard deviation over seeds). A-accuracy: share "
-              "of (right, wrong) pairs of the VFT model's own test samples that the model orders correctly. "
-              "Score +/-: mean length-normalised log-likelihood of right/wrong test samples.", "",
-              "| method | accuracy | A-accuracy | score + | score - | accuracy per seed |", "|---|---|---|---|---|---|"]
+              "Accuracy: greedy decoding on the test split, % (mean ± standard deviation over seeds). Δ VFT: paired "
+              "difference from VFT on the same test questions, pooled over seeds, ± its standard error. A-accuracy: "
+              "share of (right, wrong) pairs of the VFT model's own test samples that the model orders correctly. "
+              "Score moved: change of the mean score (length-normalised log-likelihood) of the wrong (−) and right "
+              "(+) test samples from VFT's. Tokens: completion tokens the method's loss read in training (mean over "
+              "seeds; \"VFT + more SFT\" matches AFT's steps, not its tokens).", "",
+              "| method | accuracy | Δ VFT | A-accuracy | score − moved | score + moved | tokens | values | "
+              "accuracy per seed |", "|---|---|---|---|---|---|---|---|---|"]
     for name, m in methods.items():
         per_seed = ", ".join(f"{100 * v:.1f}" for v in m["accuracy"].get("values", []))
-        lines.append(f"| {m['label']} | {_pct(m['accuracy'])} | {_pct(m['assessment_accuracy'])} | "
-                     f"{_num(m['score_positive'])} | {_num(m['score_negative'])} | {per_seed} |")
+        tokens = f"{m['train_tokens']['mean']:,.0f}" if m["train_tokens"]["mean"] else "-"
+        chosen = ", ".join(f"{key} {v:g}" for key, v in (m["chosen"] or {}).items()) or "-"
+        lines.append(f"| {m['label']} | {_pct(m['accuracy'])} | {'-' if name == VFT else _diff(m['vs_vft'])} | "
+                     f"{_pct(m['assessment_accuracy'])} | {_num(m['score_negative_moved'], signed=True)} | "
+                     f"{_num(m['score_positive_moved'], signed=True)} | {tokens} | {chosen} | {per_seed} |")
     variants = sorted({v for m in methods.values() for v in m.get("accuracy_by_variant", {})})
-    with_ood = [n for n, m in methods.items() if "ood_accuracy" in m]
+    with_ood = [n for n, m in methods.items() if m["ood_accuracy"]["n"]]
     if variants or with_ood:
         lines += ["", "## Multi-task and out-of-distribution", "",
                   "Trained on a mixture of task variants: accuracy per variant on the test split"
@@ -268,30 +503,22 @@ def write_results(summary: dict, command: str) -> Path:
         for name in (with_ood or methods):
             m = methods[name]
             cells = [_pct(m["accuracy_by_variant"].get(v)) for v in variants]
-            lines.append(f"| {m['label']} | " + " | ".join(cells + ([_pct(m.get("ood_accuracy"))] if with_ood else []))
+            lines.append(f"| {m['label']} | " + " | ".join(cells + ([_pct(m["ood_accuracy"])] if with_ood else []))
                          + " |")
-    sens = cfg.get("sensitivity")
-    if sens:
-        key = sens["field"]
-        lines += ["", f"## Sensitivity to {key}", "", f"The same method at several values of `{key}` (test split).", "",
-                  f"| {key} | accuracy | A-accuracy | score + | score - |", "|---|---|---|---|---|"]
-        for name in sens["methods"]:
-            method = next(m for m in cfg["methods"] if m["name"] == name)
-            m = methods[name]
-            lines.append(f"| {_method_spec(cfg, method, summary['chosen']).get(key)} | {_pct(m['accuracy'])} | "
-                         f"{_pct(m['assessment_accuracy'])} | {_num(m['score_positive'])} | {_num(m['score_negative'])} |")
     if summary["claims"]:
         lines += ["", "## The paper's claims, checked here", "",
-                  "Difference = first minus second, in points, mean over seeds (per seed in brackets). Held: the "
-                  "mean goes the claimed way and every seed agrees.", "",
-                  "| claim | paper | compared | difference | verdict |", "|---|---|---|---|---|"]
+                  f"Difference = first minus second, in points: paired on the same test questions, pooled over seeds, "
+                  f"± its standard error (per seed in brackets). The rule, registered in the config before the run: "
+                  f"held if the difference is beyond {k:g} SE in the claimed direction, not held if beyond {k:g} SE the "
+                  f"other way, unclear otherwise (for \"about equal\": held if the difference ± {k:g} SE lies within "
+                  "the tolerance, not held if wholly outside it).", "",
+                  "| claim | paper | compared | difference ± SE | verdict |", "|---|---|---|---|---|"]
         for c in summary["claims"]:
             metric = c.get("metric", "accuracy")
-            diff = "-" if c["mean_difference"] is None else (
-                f"{100 * c['mean_difference']:+.1f} ({', '.join(f'{100 * d:+.1f}' for d in c['differences'])})"
-                if "score" not in metric else f"{c['mean_difference']:+.3f}")
+            seeds_ = ", ".join(f"{100 * d:+.1f}" for d in c["per_seed"].values() if d is not None)
             lines.append(f"| {c['text']} | {c.get('paper', '')} | {methods.get(c['a'], {}).get('label', c['a'])} vs "
-                         f"{methods.get(c['b'], {}).get('label', c['b'])} ({metric}) | {diff} | {c['verdict']} |")
+                         f"{methods.get(c['b'], {}).get('label', c['b'])} ({metric}) | {_diff(c)}"
+                         + (f" ({seeds_})" if seeds_ else "") + f" | {c['verdict']} |")
     lines += ["", "## Figures", ""] + [f"![{title}]({rel(path)})\n\n{text}\n" for title, path, text in images]
     if cfg.get("discussion"):
         lines += ["## Discussion", "", cfg["discussion"].strip(), ""]
@@ -301,33 +528,33 @@ def write_results(summary: dict, command: str) -> Path:
 
 
 def plot_study(summary: dict, figures: Path) -> list[tuple[str, Path, str]]:
-    """The study's figures, drawn by ``aft report``'s plotting functions; (title, path, caption) each."""
-    from aft.report import collect, plot_accuracy, plot_scores, plot_training
+    """The study's figures, drawn by ``aft report``'s plotting functions from the seed files' contents."""
+    from aft.report import plot_accuracy, plot_scores, plot_training
 
     cfg, methods = summary["config"], summary["methods"]
+    records = load_records(cfg, summary["seeds"])
     images = []
-    means = {m["label"]: {"accuracy": m["accuracy"]["mean"], "assessment_accuracy": m["assessment_accuracy"]["mean"]}
-             for m in methods.values() if m["accuracy"]["mean"] is not None}
-    errors = {m["label"]: {"accuracy": m["accuracy"]["std"], "assessment_accuracy": m["assessment_accuracy"]["std"]}
-              for m in methods.values() if m["accuracy"]["mean"] is not None}
-    if means:
-        plot_accuracy(means, figures / "study_accuracy.png", errors=errors)
+    measured = {m["label"]: m for m in methods.values() if m["accuracy"]["mean"] is not None}
+    if measured:
+        plot_accuracy({label: {key: m[key]["mean"] for key in ("accuracy", "assessment_accuracy")}
+                       for label, m in measured.items()}, figures / "study_accuracy.png",
+                      errors={label: {key: m[key]["std"] for key in ("accuracy", "assessment_accuracy")}
+                              for label, m in measured.items()})
         images.append(("accuracy", figures / "study_accuracy.png",
                        "Test accuracy and assessment accuracy per method (mean over seeds, bars: standard deviation)."))
-    seed_dir = Path(cfg["run_dir"]) / f"seed{cfg['seeds'][0]}"
-    plots = cfg.get("plots", {})
-    _, scores, training = collect(seed_dir)
-    chosen = {methods[n]["label"]: scores[f"eval_{n}"] for n in plots.get("scores", []) if f"eval_{n}" in scores}
-    if chosen:
-        plot_scores(chosen, figures / "study_scores.png")
+    first = records[0] if records else {}
+    scores = {methods[n]["label"]: [{"score": s, "correct": side == "right"} for side in ("right", "wrong")
+                                    for s in v[side]] for n, v in first.get("scores", {}).items()}
+    if scores:
+        plot_scores(scores, figures / "study_scores.png")
         images.append(("scores", figures / "study_scores.png",
                        f"Scores of right and wrong test COTs (sampled by the VFT model) under each model, seed "
-                       f"{cfg['seeds'][0]}."))
-    curves = {methods[n]["label"]: training[n] for n in cfg.get("curve", {}).get("methods", []) if n in training}
+                       f"{first['seed']}."))
+    curves = next(({methods[n]["label"]: h for n, h in r["curves"].items()} for r in records if r.get("curves")), {})
     if curves:
         plot_training(curves, figures / "study_training.png")
         images.append(("training", figures / "study_training.png",
-                       f"Alignment with and without the constraint, seed {cfg['seeds'][0]}: mean scores of positives "
+                       "Alignment with and without the constraint, first seed with curves: mean scores of positives "
                        "(solid) and negatives (dashed) in the training batches, training pair accuracy, loss, and "
                        "held-out accuracy and assessment accuracy against step (a collapse shows here)."))
     return images
@@ -335,34 +562,65 @@ def plot_study(summary: dict, figures: Path) -> list[tuple[str, Path, str]]:
 
 # ---- command line ----------------------------------------------------------------------------------------
 
+CLAIM_METRICS = ("accuracy", "assessment_accuracy", "ood_accuracy")
+
+
 def load_study(path: str) -> dict:
     cfg = yaml.safe_load(Path(path).read_text())
-    for key in ("run_dir", "seeds", "base", "methods", "evaluation"):
+    for key in ("run_dir", "seeds", "base", "methods", "evaluation", "outputs"):
         if key not in cfg:
             raise ValueError(f"{path}: a study config needs '{key}'")
+    if "seeds" not in cfg["outputs"]:
+        raise ValueError(f"{path}: outputs.seeds must name the folder of the seed files")
     names = [m["name"] for m in cfg["methods"]]
     if len(set(names)) != len(names):
         raise ValueError(f"{path}: method names must be unique")
-    if cfg.get("sweep") and cfg["sweep"].get("method") not in names:
-        raise ValueError(f"{path}: sweep.method must be one of the methods {names}")
-    for name in (cfg.get("sensitivity") or {}).get("methods", []):
-        if name not in names:
-            raise ValueError(f"{path}: sensitivity lists unknown method {name!r}")
+    if VFT not in names:
+        raise ValueError(f"{path}: the methods must include the base model {VFT!r} (every comparison's start)")
+    sweep = cfg.get("sweep")
+    if sweep:
+        if "grids" not in sweep:
+            raise ValueError(f"{path}: sweep needs 'grids' (one grid per set of knobs; methods name theirs in 'tune')")
+        sizes = {name: math.prod(len(v) for v in grid.values()) for name, grid in sweep["grids"].items()}
+        if len(set(sizes.values())) > 1:
+            raise ValueError(f"{path}: every sweep grid must have the same number of points (an equal budget); "
+                             f"got {sizes}")
+        if sweep_seed(cfg) not in cfg["seeds"]:
+            raise ValueError(f"{path}: sweep.seed must be one of the seeds {cfg['seeds']}")
+    for method in cfg["methods"]:
+        tuned = method.get("tune")
+        if tuned is None:
+            continue
+        if tuned not in (sweep or {}).get("grids", {}):
+            raise ValueError(f"{path}: method {method['name']!r} tunes {tuned!r}, not a grid of sweep.grids")
+        unknown = set(sweep["grids"][tuned]) - _fields_of(_stage_of(cfg, method))
+        if unknown:
+            raise ValueError(f"{path}: method {method['name']!r} cannot tune {sorted(unknown)}: not fields of its stage")
     for claim in cfg.get("claims", []):
         if claim["a"] not in names or claim["b"] not in names:
             raise ValueError(f"{path}: claim {claim['text']!r} compares unknown methods")
+        metric = claim.get("metric", "accuracy")
+        if metric not in CLAIM_METRICS and not metric.startswith("accuracy:"):
+            raise ValueError(f"{path}: claim {claim['text']!r}: metric must be one of {CLAIM_METRICS} or "
+                             f"accuracy:VARIANT (measured question by question); got {metric!r}")
+        if claim.get("expect", "greater") not in ("greater", "less", "equal"):
+            raise ValueError(f"{path}: claim {claim['text']!r}: expect must be greater, less or equal")
     return cfg
 
 
-def study(config_path: str, report_only: bool = False, command: str | None = None, overwrite: bool = False) -> dict:
+def study(config_path: str, seeds: list[int] | None = None, report_only: bool = False,
+          command: str | None = None, overwrite: bool = False) -> dict:
     cfg = {**load_study(config_path), "overwrite": overwrite}  # rerun stages whose settings changed
-    if report_only:
-        js = cfg.get("outputs", {}).get("json")
-        previous = _read(Path(js)) if js else None
-        chosen, sweep = (previous["chosen"], previous["sweep"]) if previous else ({}, [])
-        summary = summarize(cfg, chosen, sweep, minutes=previous.get("minutes") if previous else None)
-    else:
-        summary = run_study(cfg)
+    unknown = set(seeds or []) - set(cfg["seeds"])
+    if unknown:
+        raise ValueError(f"{config_path}: seeds {sorted(unknown)} are not the study's seeds {cfg['seeds']}")
+    if not report_only:
+        for seed in seeds or cfg["seeds"]:
+            run_seed(cfg, seed)
+    records = load_records(cfg)
+    if not records:
+        raise FileNotFoundError(f"no seed file in {cfg['outputs']['seeds']}: run a seed first")
+    summary = summarize(cfg, records)
     write_results(summary, command or f"aft study {config_path}")
     return summary
 
@@ -370,9 +628,13 @@ def study(config_path: str, report_only: bool = False, command: str | None = Non
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="aft study", description=__doc__.split("\n\n")[0])
     parser.add_argument("config", help="Study config (YAML), e.g. configs/study.yaml.")
-    parser.add_argument("--report", action="store_true", help="Only rewrite the report from the runs on disk.")
+    parser.add_argument("--seeds", "--seed", type=int, nargs="+", default=None,
+                        help="Run only these seeds of the config (each writes its seed file when it finishes).")
+    parser.add_argument("--report", action="store_true",
+                        help="Only rebuild the summary, claims, tables and plots from the seed files.")
     parser.add_argument("--overwrite", action="store_true", help="Run again the stages whose settings changed.")
     args = parser.parse_args(argv)
     # errors: one line from aft.cli.main
-    study(args.config, args.report, command=f"aft study {args.config}", overwrite=args.overwrite)
+    study(args.config, args.seeds, args.report, command=f"aft study {args.config}"
+          + (" --report" if args.report else ""), overwrite=args.overwrite)
     return 0

@@ -18,7 +18,7 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 
 import torch
-from transformers import Trainer, TrainingArguments, set_seed
+from transformers import EarlyStoppingCallback, Trainer, TrainingArguments, set_seed
 
 from aft import losses
 from aft.checks import check_choice, check_config, require
@@ -31,7 +31,7 @@ from aft.tasks import TaskFields
 from aft.scoring import completion_logprobs, is_wrapped, sequence_scores
 
 ALIGN_LOSSES = ("aft", "rft", "rrhf", "pro", "dpo")
-NLL_ON = ("reference", "positives", "both", "none")
+NLL_ON = ("reference", "positives", "both", "best", "none")
 
 
 def _evaluates(config) -> bool:
@@ -65,6 +65,9 @@ class StageDefaults(OutputFields, TrainingArguments):
     early_stopping_patience: int | None = field(default=None, metadata={
         "help": "Stop after N evaluations without a better held-out accuracy and keep the best model "
                 "(sets load_best_model_at_end, metric_for_best_model=accuracy, save_strategy=eval_strategy)."})
+    early_stopping_min_epochs: float = field(default=0.0, metadata={
+        "help": "With early stopping: evaluations before this many epochs do not count towards the patience "
+                "(an early dip of a model still learning does not stop it)."})
 
     def __post_init__(self):
         check_config(self)
@@ -95,12 +98,17 @@ class AlignConfig(ModelFields, StageDefaults):
     groups: str = field(default="", metadata={"help": "Labelled groups JSONL (see `aft.data`)."})
     loss: str = field(default="aft", metadata={"help": f"One of {', '.join(ALIGN_LOSSES)}. rft is NLL only."})
     constraint: str = field(default="boundary", metadata={"help": "boundary, detach or none."})
-    beta: float = field(default=0.5, metadata={"help": "Boundary margin: B = min better score - beta."})
-    dpo_beta: float = field(default=0.1, metadata={"help": "DPO's temperature on the reward margin."})
+    beta: float = field(default=0.5, metadata={
+        "help": "Boundary margin of aft, rrhf and pro on length-normalised scores: B = min better score - beta."})
+    dpo_beta: float = field(default=0.1, metadata={"help": "DPO's temperature on the implicit reward margin."})
+    dpo_boundary: float = field(default=2.0, metadata={
+        "help": "DPO's boundary margin, on the logit dpo_beta * reward: B = min better reward - dpo_boundary / "
+                "dpo_beta (see aft.losses.dpo_loss)."})
     nll_weight: float = field(default=1.0, metadata={"help": "Weight of the NLL term."})
     align_weight: float = field(default=1.0, metadata={"help": "Weight of the ranking term."})
     nll_on: str = field(default="both", metadata={
-        "help": "What the NLL term trains on: reference COT, positives (correct samples), both, or none."})
+        "help": "What the NLL term trains on: reference COT, positives (correct samples), both, best (one "
+                "top-labelled positive per group, as RRHF and PRO publish), or none."})
     max_candidates: int | None = field(default=None, metadata={"help": "Keep at most N candidates per group."})
     prefix_sharing: bool | None = field(default=None, metadata={
         "help": "Run each group's prompt once and share its KV cache among the group's completions (same result, "
@@ -120,7 +128,13 @@ class AlignConfig(ModelFields, StageDefaults):
 
 
 class MetricsMixin:
-    """Accumulates named values per step and adds their means to the Trainer's logs (as TRL does)."""
+    """Accumulates named values per step and adds their means to the Trainer's logs (as TRL does), and counts
+    the completion tokens the loss read in training (``finish`` logs the total as ``train_completion_tokens``:
+    what a method trained on, so methods can be compared at equal tokens, not only equal steps)."""
+
+    def _count_tokens(self, model, inputs):
+        if model.training:
+            self.completion_tokens = getattr(self, "completion_tokens", 0) + int(inputs["completion_mask"].sum())
 
     def _record(self, **values):
         if not hasattr(self, "_metrics"):
@@ -199,12 +213,32 @@ def held_out(config, default_task: str | None = None):
     return task, task.load(config.eval_split, limit=config.eval_limit), groups
 
 
+class EarlyStopping(EarlyStoppingCallback):
+    """The Trainer's early stopping, with evaluations before ``min_epochs`` not counted towards the patience.
+    (Keyword names as the parent's: a resumed Trainer rebuilds the callback from ``state()``.)"""
+
+    def __init__(self, early_stopping_patience: int = 1, early_stopping_threshold: float = 0.0,
+                 min_epochs: float = 0.0):
+        super().__init__(early_stopping_patience, early_stopping_threshold)
+        self.min_epochs = min_epochs
+
+    def state(self) -> dict:
+        state = super().state()
+        state["args"]["min_epochs"] = self.min_epochs
+        return state
+
+    def on_evaluate(self, args, state, control, metrics, **kwargs):
+        if (state.epoch or 0.0) + 1e-6 < self.min_epochs:
+            return
+        super().on_evaluate(args, state, control, metrics, **kwargs)
+
+
 def make_trainer(cls, config, default_task=None, **kwargs):
     """A trainer of ``cls`` with held-out evaluation and early stopping wired in where the config asks."""
-    from transformers import EarlyStoppingCallback
 
     evaluation = held_out(config, default_task)
-    callbacks = [EarlyStoppingCallback(config.early_stopping_patience)] if config.early_stopping_patience else []
+    callbacks = [EarlyStopping(config.early_stopping_patience, min_epochs=config.early_stopping_min_epochs)] \
+        if config.early_stopping_patience else []
     trainer = cls(args=config, eval_dataset=evaluation[1] if evaluation else None, callbacks=callbacks, **kwargs)
     trainer.held_out = evaluation
     if os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true" and not trainer.is_fsdp_enabled:
@@ -219,6 +253,7 @@ class SFTTrainer(ResumeMixin, HeldOutEvalMixin, MetricsMixin, Trainer):
     loss_is_scaled_for_ga = False  # our loss is a per-micro-batch mean: the Trainer divides by accumulation steps
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        self._count_tokens(model, inputs)
         sums, counts = completion_logprobs(model, inputs["input_ids"], inputs["attention_mask"],
                                            inputs["completion_mask"])
         loss = losses.nll_loss(sums, counts)
@@ -267,6 +302,7 @@ class AlignTrainer(ResumeMixin, HeldOutEvalMixin, MetricsMixin, Trainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         args: AlignConfig = self.args
+        self._count_tokens(model, inputs)
         sharing = self._prefix_sharing(model)
         groups = inputs["group_index"] if sharing else None
         if args.candidate_micro_batch and model.training and torch.is_grad_enabled():
@@ -318,8 +354,8 @@ class AlignTrainer(ResumeMixin, HeldOutEvalMixin, MetricsMixin, Trainer):
         if a.loss == "pro":
             return losses.pro_loss(scores, labels, mask, constraint=a.constraint, beta=a.beta)
         if a.loss == "dpo":  # DPO's implicit reward uses summed log-probs against the frozen start model's
-            return losses.dpo_loss(summed, labels, inputs["ref_logps"], mask, beta=a.dpo_beta,
-                                   constraint=a.constraint, boundary_beta=a.beta)
+            return losses.dpo_loss(summed, labels, inputs["ref_logps"], mask, dpo_beta=a.dpo_beta,
+                                   constraint=a.constraint, dpo_boundary=a.dpo_boundary)
         return None  # rft: NLL only
 
     def _record_batch(self, scores, labels, mask, nll, rank):
@@ -469,6 +505,8 @@ def finish(trainer, tokenizer, config):
             tokenizer.save_pretrained(config.output_dir)
     elif main:
         save_for_inference(trainer.model, tokenizer, config.output_dir)
+    tokens = trainer.accelerator.reduce(torch.tensor(getattr(trainer, "completion_tokens", 0)), "sum")
+    trainer.log({"train_completion_tokens": int(tokens)})
     if main:
         trainer.state.save_to_json(os.path.join(config.output_dir, "trainer_state.json"))
     trainer.accelerator.wait_for_everyone()

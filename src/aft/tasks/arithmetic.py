@@ -16,7 +16,9 @@ each question from either (its ``variant`` field says which, and ``aft eval`` re
 number of steps (``min_steps`` .. ``max_steps``) and the operand size (``max_value``); every value along
 the way is a non-negative integer below 1000. Splits "train", "validation" and "test" come from one
 ``random.Random(seed)`` stream, generated test first (so the test set does not change with
-``n_train``), and no question text appears in two splits::
+``n_train``), and no problem appears twice: problems are told apart by their worked solution (the
+numbers and operations, ``canonical``), not their text, so a training question that differs from a test
+question only in its name or objects does not count as unseen::
 
     task = load_task("arithmetic", variant="mixed", max_steps=3, seed=1)
     train = task.load("train")
@@ -48,6 +50,11 @@ VARIANTS = {
     },
 }
 SPLITS = {"train": "train", "validation": "validation", "val": "validation", "dev": "validation", "test": "test"}
+
+
+def canonical(lines: list[str]) -> str:
+    """A problem's identity: its worked solution (start value, operations, operands), whatever its story."""
+    return "\n".join(lines)
 
 
 class ArithmeticTask(GSM8KTask):
@@ -93,14 +100,14 @@ class ArithmeticTask(GSM8KTask):
             while len(examples) < self.sizes[split]:
                 attempts += 1
                 if attempts > 100 * self.sizes[split] + 1000:
-                    raise ValueError(f"cannot make {self.sizes[split]} distinct {split} questions with "
+                    raise ValueError(f"cannot make {self.sizes[split]} distinct {split} problems with "
                                      f"max_value={self.max_value}, steps {self.min_steps}..{self.max_steps}")
                 # one variant draws nothing extra, so single-variant splits stay as they were
                 variant = rng.choice(self.variants) if len(self.variants) > 1 else self.variant
                 question, lines, answer = self._problem(rng, variant)
-                if question in seen:
+                if canonical(lines) in seen:
                     continue
-                seen.add(question)
+                seen.add(canonical(lines))
                 examples.append({"id": f"arithmetic-{self.variant}/{split}/{len(examples)}", "question": question,
                                  "answer": str(answer), "solution": "\n".join(lines + [f"#### {answer}"]),
                                  "variant": variant, "steps": len(lines)})
