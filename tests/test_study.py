@@ -259,3 +259,60 @@ def test_early_stopping_patience_counts_only_after_the_minimum_epochs():
         callback.on_evaluate(args, state, control, {"eval_accuracy": 0.1})
     assert control.should_training_stop
     assert type(callback)(**callback.state()["args"]).min_epochs == 3  # as a resumed Trainer rebuilds it
+
+
+def test_iterative_and_grpo_methods_run_in_a_seed_and_report_their_cost(tmp_path):
+    """Issue 12's methods inside a study: AFT over 3 rounds (round 1 on the shared groups, later rounds sampled
+    from the last round's model on fresh questions) and GRPO at the same number of sampled completions; each method's
+    completions sampled, optimizer steps and seconds reach the seed file and the page."""
+    pytest.importorskip("trl")
+    cfg = tiny_study(tmp_path)
+    cfg.pop("curve"), cfg.pop("ood")
+    cfg["seeds"] = [0]
+    cfg["evaluation"]["vote_samples"] = 2
+    cfg["methods"] = [
+        {"name": "vft", "label": "VFT"},
+        {"name": "aft", "label": "AFT", "loss": "aft", "constraint": "boundary", "tune": "lr_beta"},
+        {"name": "aft3", "label": "AFT 3 rounds", "loss": "aft", "constraint": "boundary", "tune_as": "aft",
+         "rounds": 3, "questions_per_round": 8, "sample": {"k": 3}},
+        {"name": "grpo", "label": "GRPO", "stage": "grpo", "limit": 16, "num_generations": 3,
+         "per_device_train_batch_size": 6, "sample_budget": 72, "beta": 0.0}]
+    cfg["claims"] = [{"text": "iterating helps", "a": "aft3", "b": "aft"}]
+    stages = method_stages(cfg, cfg["methods"][2], {"learning_rate": 1e-3, "beta": 0.05}, seed=0)
+    by_name = {s["name"]: s for s in stages}
+    assert "aft3/round1/samples" not in by_name and by_name["aft3/round1/align"]["groups"] == "labeled"
+    assert by_name["aft3/round2/samples"]["model"] == "aft3/round1/align"
+    # fresh questions past the 8 the shared samples took: [8, 16) in round 2, [16, 24) in round 3
+    assert [by_name[f"aft3/round{r}/samples"]["offset"] for r in (2, 3)] == [8, 16]
+    assert by_name["aft3/round2/align"]["model"] == "aft3/round1/align" and by_name["aft3/round2/align"]["beta"] == 0.05
+    assert stages[-1] == {**cfg["evaluation"], "name": "eval_aft3", "stage": "eval", "model": "aft3/round3/align"}
+
+    path = write(cfg, tmp_path)
+    assert main(["study", str(path), "--seeds", "0"]) == 0
+    seed0 = json.loads((tmp_path / "out" / "seeds" / "seed0.json").read_text())
+    cost = {name: seed0["methods"][name]["cost"] for name in ("aft", "aft3", "grpo")}
+    assert cost["aft"]["completions_sampled"] == 24                  # 8 shared questions x k 3
+    assert cost["aft3"]["completions_sampled"] == 72                 # and 8 fresh ones x 3 in rounds 2 and 3
+    assert cost["grpo"]["completions_sampled"] == 72                 # its budget, as counted by its reward
+    assert cost["grpo"]["optimizer_steps"] == 12                     # 72 completions / 6 a step
+    assert cost["aft3"]["optimizer_steps"] == 3 * cost["aft"]["optimizer_steps"] > 0  # three rounds of 8 groups
+    assert all(c["seconds"] > 0 for c in cost.values())
+    assert seed0["methods"]["aft3"]["hyperparameters"]["learning_rate"] == seed0["chosen"]["aft"]["learning_rate"]
+    assert 0 <= seed0["methods"]["grpo"]["vote_accuracy"] <= 1
+    page = (tmp_path / "out" / "results.md").read_text()
+    assert "## Cost" in page and "| GRPO | 72 | 12 |" in page and "maj@k" in page
+
+
+def test_shipped_iterative_study_config_expands():
+    from pathlib import Path
+
+    path = Path(__file__).parents[1] / "configs" / "study-iterative.yaml"
+    cfg = load_study(str(path))
+    names = [s["name"] for s in sweep_stages(cfg)]
+    assert len([n for n in names if not n.endswith("_eval")]) == 6  # 3 tuned methods x 2 points: an equal budget
+    aft3 = method_stages(cfg, next(m for m in cfg["methods"] if m["name"] == "aft3"), {"learning_rate": 3e-4}, 0)
+    samples = [s for s in aft3 if s["stage"] == "sample"]
+    assert [(s["offset"], s["limit"], s["k"]) for s in samples] == [(500, 500, 8), (1000, 500, 8)]
+    grpo = next(m for m in cfg["methods"] if m["name"] == "grpo")
+    base = next(s for s in cfg["base"] if s["name"] == "samples")
+    assert grpo["sample_budget"] == 3 * base["limit"] * base["k"]  # the 3-round methods' budget

@@ -69,12 +69,46 @@ def merge(config: MergeConfig) -> str:
     return config.output
 
 
+def round_stages(start: str, rounds: int, per_round: int | None, fresh_questions: bool, restart: str, sample: dict,
+                 label: dict, align: dict, evaluation: dict | None = None, seed: int = 0, prefix: str = "",
+                 first_groups: str | None = None) -> list[dict]:
+    """The pipeline stages of ``rounds`` rounds, named ``{prefix}round{r}/samples`` (``labeled``, ``union``,
+    ``align``, ``eval``); the last round's model is ``{prefix}round{rounds}/align``. ``first_groups``: labelled
+    groups (a stage name) that round 1 trains on instead of sampling its own (a study's shared samples)."""
+    stages, model, labeled = [], start, []
+    for r in range(1, rounds + 1):
+        name = f"{prefix}round{r}"
+        if r == 1 and first_groups:
+            labeled.append(first_groups)
+        else:
+            questions = {"split": "train"}
+            if per_round is not None:
+                offset = (r - 1) * per_round if fresh_questions else 0
+                questions.update(limit=per_round, offset=offset)
+            # each round its own sampling seed, so a round that samples the same questions does not redraw
+            # the same noise
+            stages.append({**sample, **questions, "name": f"{name}/samples", "stage": "sample", "model": model,
+                           "seed": seed + r - 1})
+            stages.append({**label, "name": f"{name}/labeled", "stage": "label", "groups": f"{name}/samples"})
+            labeled.append(f"{name}/labeled")
+        groups = labeled[-1]
+        if restart == "start" and r > 1:
+            stages.append({"name": f"{name}/union", "stage": "merge", "inputs": list(labeled)})
+            groups = f"{name}/union"
+        stages.append({**align, "name": f"{name}/align", "stage": "align",
+                       "model": model if restart == "previous" else start, "groups": groups})
+        model = f"{name}/align"
+        if evaluation is not None:
+            stages.append({**evaluation, "name": f"{name}/eval", "stage": "eval", "model": model})
+    return stages
+
+
 def expand(cfg: dict) -> dict:
     """The ``aft run`` config of an iterate config: its own stages, then each round's stages."""
     unknown = set(cfg) - set(ROUND_KEYS) - {"run_dir", "defaults", "stages"}
     if unknown:
         raise AftError(f"unknown key(s) {sorted(unknown)}; an iterate config has run_dir, defaults, stages and "
-                         f"{', '.join(ROUND_KEYS)}")
+                       f"{', '.join(ROUND_KEYS)}")
     rounds, per_round = cfg.get("rounds"), cfg.get("questions_per_round")
     if not isinstance(rounds, int) or rounds < 1:
         raise AftError(f"rounds must be a positive integer; got {rounds!r}")
@@ -86,30 +120,9 @@ def expand(cfg: dict) -> dict:
     if not cfg.get("start"):
         raise AftError("start: the model round 1 samples from (a stage name or a model folder)")
     seed = int(cfg.get("defaults", {}).get("seed", 0))
-    stages = list(cfg.get("stages") or [])
-    model, labeled = cfg["start"], []
-    for r in range(1, rounds + 1):
-        name = f"round{r}"
-        questions = {"split": "train"}
-        if per_round is not None:
-            offset = (r - 1) * per_round if cfg.get("fresh_questions", True) else 0
-            questions.update(limit=per_round, offset=offset)
-        # each round its own sampling seed, so a round that samples the same questions does not redraw
-        # the same noise
-        stages.append({**(cfg.get("sample") or {}), **questions, "name": f"{name}/samples", "stage": "sample",
-                       "model": model, "seed": seed + r - 1})
-        stages.append({**(cfg.get("label") or {}), "name": f"{name}/labeled", "stage": "label",
-                       "groups": f"{name}/samples"})
-        labeled.append(f"{name}/labeled")
-        groups = labeled[-1]
-        if restart == "start" and r > 1:
-            stages.append({"name": f"{name}/union", "stage": "merge", "inputs": list(labeled)})
-            groups = f"{name}/union"
-        stages.append({**(cfg.get("align") or {}), "name": f"{name}/align", "stage": "align",
-                       "model": model if restart == "previous" else cfg["start"], "groups": groups})
-        model = f"{name}/align"
-        if cfg.get("eval") is not None:
-            stages.append({**cfg["eval"], "name": f"{name}/eval", "stage": "eval", "model": model})
+    stages = list(cfg.get("stages") or []) + round_stages(
+        cfg["start"], rounds, per_round, cfg.get("fresh_questions", True), restart, cfg.get("sample") or {},
+        cfg.get("label") or {}, cfg.get("align") or {}, cfg.get("eval"), seed)
     return {"run_dir": cfg.get("run_dir", "runs/iterate"), "defaults": cfg.get("defaults", {}), "stages": stages}
 
 

@@ -45,6 +45,8 @@ import yaml
 from aft.pipeline import run_config, stage_table
 
 METRICS = ("accuracy", "assessment_accuracy", "score_positive", "score_negative")
+# an iterative method (rounds of sample -> label -> align from its own models, aft.iterate): these keys say how
+ROUND_KEYS = ("rounds", "questions_per_round", "fresh_questions", "restart", "sample", "feedback")
 VFT = "vft"  # the base stage every method starts from
 
 
@@ -64,7 +66,7 @@ def _method_spec(cfg: dict, method: dict, chosen: dict | None = None) -> dict:
     stage = _stage_of(cfg, method)
     names = _fields_of(stage)
     spec = {k: v for k, v in cfg.get("method_defaults", {}).items() if k in names}
-    spec.update({k: v for k, v in method.items() if k not in ("label", "tune")})
+    spec.update({k: v for k, v in method.items() if k not in ("label", "tune", "tune_as", *ROUND_KEYS)})
     return {**spec, **(chosen or {}), "stage": stage}
 
 
@@ -100,6 +102,9 @@ def method_stages(cfg: dict, method: dict, chosen: dict, seed: int, reuse: str |
         on_curve = name in curve.get("methods", []) and seed in curve.get("seeds", [seed])
         if reuse and not on_curve:  # a path: the sweep's stage ran in an earlier pipeline of this seed
             model = str(Path(cfg["run_dir"]) / f"seed{seed}" / reuse)
+        elif method.get("rounds"):
+            stages += iterative_stages(cfg, method, chosen, seed)
+            model = f"{name}/round{method['rounds']}/align"
         else:
             spec = _method_spec(cfg, method, chosen)
             if on_curve:  # evaluation while training: the same training, logged against step
@@ -111,6 +116,34 @@ def method_stages(cfg: dict, method: dict, chosen: dict, seed: int, reuse: str |
         stages.append({**cfg["evaluation"], "name": f"ood_{name}", "stage": "eval", "model": model,
                        "task": ood["task"], "groups": None})
     return stages
+
+
+def iterative_stages(cfg: dict, method: dict, chosen: dict, seed: int) -> list[dict]:
+    """An iterative method's rounds (``aft.iterate.round_stages``), each aligning as the method's own keys say.
+    Round 1 trains on the study's shared labelled groups (those every one-round method trains on), so it is
+    that round's one-round method; later rounds sample ``questions_per_round`` fresh training questions."""
+    from aft.iterate import round_stages
+
+    align = {k: v for k, v in _method_spec(cfg, method, chosen).items() if k not in ("name", "stage")}
+    groups = align.pop("groups", "labeled")
+    sample = {"k": 8, "temperature": 0.8, **method.get("sample", {})}
+    stages = round_stages(VFT, method["rounds"], method.get("questions_per_round"),
+                          method.get("fresh_questions", True), method.get("restart", "previous"), sample,
+                          {"feedback": method.get("feedback", "binary")}, align, seed=seed, prefix=f"{method['name']}/",
+                          first_groups=groups)
+    if method.get("fresh_questions", True) and method.get("questions_per_round"):
+        # round r >= 2 samples questions past those the shared samples took: [first + (r-2)N, first + (r-1)N)
+        shift = _base_limit(cfg) - method["questions_per_round"]
+        for s in stages:
+            if s["stage"] == "sample":
+                s["offset"] += shift
+    return stages
+
+
+def _base_limit(cfg: dict) -> int:
+    """How many training questions the shared samples took (the first N): later rounds start past them."""
+    return next((s.get("limit", 0) for s in cfg["base"] if s["stage"] == "sample" and s.get("split", "train") == "train"),
+                0)
 
 
 def seed_config(cfg: dict, seed: int, stages: list[dict]) -> dict:
@@ -154,7 +187,7 @@ def run_seed(cfg: dict, seed: int) -> dict:
     """Train and evaluate one seed (skipping what is done), then write its seed file; returns its record."""
     chosen, sweep, reuse = tune(cfg, seed)
     stages = [s for m in cfg["methods"]
-              for s in method_stages(cfg, m, chosen.get(m["name"], {}), seed, reuse.get(m["name"]))]
+              for s in method_stages(cfg, m, chosen.get(m.get("tune_as", m["name"]), {}), seed, reuse.get(m["name"]))]
     run_dir = run_config(seed_config(cfg, seed, stages))
     record = seed_record(cfg, seed, run_dir, chosen, sweep, reuse)
     path = seed_file(cfg, seed)
@@ -215,6 +248,33 @@ def _tokens(state: dict | None) -> int | None:
     return found[-1] if found else None
 
 
+def method_cost(cfg: dict, method: dict, run_dir: Path, trained: str, seconds: dict) -> dict:
+    """What a method cost on one seed: the completions sampled for it (the shared samples its groups came from,
+    its own rounds' samples, or what GRPO sampled), its optimizer steps, and the seconds of its own stages
+    (training, and an iterative method's own sampling; the shared samples' time is the seed's)."""
+    def shared_completions() -> int:
+        return sum(g.get("n_sampled", len(g["completions"])) for g in _jsonl(run_dir / "samples" / "groups.jsonl"))
+
+    stage = _stage_of(cfg, method)
+    if method.get("rounds"):
+        own = [k for k in seconds if k.startswith(f"{method['name']}/")]
+        sampled = shared_completions() + sum(
+            g.get("n_sampled", len(g["completions"])) for k in own if k.endswith("/samples")
+            for g in _jsonl(run_dir / k / "groups.jsonl"))
+        steps = sum((_read(run_dir / k / "trainer_state.json") or {}).get("global_step", 0)
+                    for k in own if k.endswith("/align"))
+    else:
+        own = [trained]
+        state = _read(run_dir / trained / "trainer_state.json") or {}
+        steps = state.get("global_step")
+        if stage == "grpo":
+            sampled = (_read(run_dir / trained / "budget.json") or {}).get("completions_sampled")
+        else:
+            sampled = shared_completions() if stage == "align" else 0
+    return {"completions_sampled": sampled, "optimizer_steps": steps,
+            "seconds": round(sum(seconds.get(k) or 0 for k in own), 1)}
+
+
 def _environment() -> dict:
     import torch
     import transformers
@@ -234,11 +294,11 @@ def _environment() -> dict:
 def seed_record(cfg: dict, seed: int, run_dir: Path, chosen: dict, sweep: list[dict], reuse: dict) -> dict:
     """Everything the report needs from one seed, read from its run folder."""
     seconds = {}
-    for done in sorted(run_dir.glob("*/DONE")):
+    for done in sorted(run_dir.glob("**/DONE")):
         try:
-            seconds[done.parent.name] = json.loads(done.read_text()).get("seconds")
+            seconds[done.parent.relative_to(run_dir).as_posix()] = json.loads(done.read_text()).get("seconds")
         except (json.JSONDecodeError, AttributeError):
-            seconds[done.parent.name] = None
+            seconds[done.parent.relative_to(run_dir).as_posix()] = None
     questions = [r["id"] for r in _jsonl(run_dir / f"eval_{VFT}" / "predictions.jsonl")]
     from aft.tasks import load_task
 
@@ -267,9 +327,13 @@ def seed_record(cfg: dict, seed: int, run_dir: Path, chosen: dict, sweep: list[d
             entry["ood_correct"] = "".join("1" if r["correct"] else "0"
                                            for r in _jsonl(run_dir / f"ood_{name}" / "predictions.jsonl"))
         trained = reuse.get(name, name)
+        if metrics.get("vote_accuracy") is not None:
+            entry["vote_accuracy"] = metrics["vote_accuracy"]
         if name not in {s["name"] for s in cfg["base"]}:
             entry["train_tokens"] = _tokens(_read(run_dir / trained / "trainer_state.json"))
-            entry["hyperparameters"] = {k: v for k, v in _method_spec(cfg, method, chosen.get(name)).items()
+            entry["cost"] = method_cost(cfg, method, run_dir, trained, seconds)
+            entry["hyperparameters"] = {k: v for k, v in _method_spec(
+                cfg, method, chosen.get(method.get("tune_as", name))).items()
                                         if k in ("learning_rate", "beta", "dpo_beta", "dpo_boundary", "nll_on",
                                                  "nll_weight", "constraint", "loss")}
         methods[name] = entry
@@ -387,8 +451,10 @@ def summarize(cfg: dict, records: list[dict]) -> dict:
         name = method["name"]
         seen = [r for r in records if name in r["methods"]]
         entry = {"label": method.get("label", name), "seeds": [r["seed"] for r in seen]}
-        for metric in METRICS + ("ood_accuracy", "train_tokens"):
+        for metric in METRICS + ("ood_accuracy", "train_tokens", "vote_accuracy"):
             entry[metric] = spread([r["methods"][name].get(metric) for r in seen])
+        entry["cost"] = {key: spread([r["methods"][name].get("cost", {}).get(key) for r in seen])
+                         for key in ("completions_sampled", "optimizer_steps", "seconds")}
         variants = sorted({v for r in seen for v in r["methods"][name]["accuracy_by_variant"]})
         entry["accuracy_by_variant"] = {v: spread([r["methods"][name]["accuracy_by_variant"].get(v) for r in seen])
                                         for v in variants}
@@ -492,6 +558,20 @@ def write_results(summary: dict, command: str) -> Path:
         lines.append(f"| {m['label']} | {_pct(m['accuracy'])} | {'-' if name == VFT else _diff(m['vs_vft'])} | "
                      f"{_pct(m['assessment_accuracy'])} | {_num(m['score_negative_moved'], signed=True)} | "
                      f"{_num(m['score_positive_moved'], signed=True)} | {tokens} | {chosen} | {per_seed} |")
+    costed = [n for n, m in methods.items() if m.get("cost", {}).get("completions_sampled", {}).get("n")]
+    if costed:
+        voted = any(methods[n]["vote_accuracy"]["n"] for n in costed)
+        lines += ["", "## Cost", "",
+                  "What each method cost (mean over seeds): completions sampled for it (the shared samples its groups "
+                  "came from, its own rounds' samples, or what GRPO sampled), optimizer steps, and seconds of its own "
+                  "stages (training, and an iterative method's own sampling; the shared samples' time is not in it)."
+                  + (" maj@k: majority-vote accuracy over the evaluation's vote samples." if voted else ""), "",
+                  "| method | completions sampled | optimizer steps | seconds | accuracy |" + (" maj@k |" if voted else ""),
+                  "|---|---|---|---|---|" + ("---|" if voted else "")]
+        for name in costed:
+            m, c = methods[name], methods[name]["cost"]
+            lines.append(f"| {m['label']} | {_num(c['completions_sampled'], 0)} | {_num(c['optimizer_steps'], 0)} | "
+                         f"{_num(c['seconds'], 0)} | {_pct(m['accuracy'])} |" + (f" {_pct(m['vote_accuracy'])} |" if voted else ""))
     variants = sorted({v for m in methods.values() for v in m.get("accuracy_by_variant", {})})
     with_ood = [n for n, m in methods.items() if m["ood_accuracy"]["n"]]
     if variants or with_ood:
@@ -587,7 +667,15 @@ def load_study(path: str) -> dict:
                              f"got {sizes}")
         if sweep_seed(cfg) not in cfg["seeds"]:
             raise ValueError(f"{path}: sweep.seed must be one of the seeds {cfg['seeds']}")
+    tuned_methods = {m["name"] for m in cfg["methods"] if m.get("tune")}
     for method in cfg["methods"]:
+        if method.get("tune_as") is not None and method["tune_as"] not in tuned_methods:
+            raise ValueError(f"{path}: method {method['name']!r}: tune_as must name a tuned method; "
+                             f"got {method['tune_as']!r}")
+        if method.get("rounds") is not None and (_stage_of(cfg, method) != "align" or not isinstance(
+                method["rounds"], int) or method["rounds"] < 1 or method.get("tune")):
+            raise ValueError(f"{path}: method {method['name']!r}: rounds (a positive integer) is for an align method, "
+                             "tuned as its one-round form (tune_as), not on its own grid")
         tuned = method.get("tune")
         if tuned is None:
             continue
