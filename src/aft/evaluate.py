@@ -18,20 +18,22 @@ from tqdm.auto import tqdm
 
 from aft.data import SFTCollator, encode_completion, encode_prompt, load_groups, positives
 from aft.losses import pair_mask
+from aft.generation import GenerationFields, for_generation, generation_dtype, plan_batches
+from aft.generation import generate as generate_batch
 from aft.models import ModelFields, load_model, load_tokenizer
-from aft.sample import generate_batch, plan_batches
 from aft.scoring import completion_logprobs, sequence_scores
 from aft.tasks import TaskFields
 
 
 @dataclass
-class EvalConfig(ModelFields, TaskFields):
+class EvalConfig(ModelFields, TaskFields, GenerationFields):
     """Evaluate a model on a task split (and, given labelled groups, its assessment accuracy)."""
 
     split: str = field(default="test", metadata={"help": "Split to evaluate on."})  # not train, as elsewhere
     output: str = field(default="eval.json", metadata={"help": "JSON file for the metrics."})
     max_new_tokens: int = field(default=256, metadata={"help": "Longest completion in tokens."})
-    batch_size: int = field(default=32, metadata={"help": "Questions per generate call."})
+    batch_size: int = field(default=0, metadata={
+        "help": "Most questions per batch; 0: as many as --batch_tokens allows."})
     vote_samples: int = field(default=0, metadata={"help": "Samples per question for majority voting (0: off)."})
     vote_temperature: float = field(default=0.8, metadata={"help": "Temperature of the voting samples."})
     groups: str | None = field(default=None, metadata={
@@ -41,12 +43,13 @@ class EvalConfig(ModelFields, TaskFields):
 
 
 def generate_all(model, tokenizer, prompts, k=1, temperature=0.0, max_new_tokens=256, batch_size=32, seed=0,
-                 desc="generate"):
-    """``generate_batch`` over many prompts, in length-sorted batches, with a progress bar."""
+                 desc="generate", batch_tokens=GenerationFields.batch_tokens):
+    """``generate_batch`` over many prompts, in length-sorted batches sized by tokens, with a progress bar."""
     out = [None] * len(prompts)
-    for b, batch in enumerate(tqdm(plan_batches(tokenizer, prompts, batch_size), desc=desc, unit="batch")):
+    batches = plan_batches(tokenizer, prompts, batch_size, k, max_new_tokens, batch_tokens)
+    for batch in tqdm(batches, desc=desc, unit="batch"):
         texts = generate_batch(model, tokenizer, [prompts[i] for i in batch], k, temperature,
-                               max_new_tokens=max_new_tokens, seed=seed * 1_000_003 + b)
+                               max_new_tokens=max_new_tokens, seed=seed)
         for i, t in zip(batch, texts):
             out[i] = t
     return out
@@ -105,13 +108,15 @@ def assessment_accuracy(groups, scores) -> dict:
             "score_positive": mean(pos), "score_negative": mean(neg)}
 
 
-def task_accuracy(model, tokenizer, task, examples, max_new_tokens=256, batch_size=32, desc="eval greedy"):
+def task_accuracy(model, tokenizer, task, examples, max_new_tokens=256, batch_size=32, desc="eval greedy",
+                  batch_tokens=GenerationFields.batch_tokens):
     """Greedy-decoding accuracy on ``examples``, and one record per question.
 
     Where the examples carry a ``variant`` or ``steps`` field with more than one value (a multi-task mixture,
     problems of several lengths), the accuracy per value is reported too (``accuracy_by_variant``, ...)."""
     prompts = [task.format_prompt(e) for e in examples]
-    greedy = generate_all(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size, desc=desc)
+    greedy = generate_all(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size, desc=desc,
+                          batch_tokens=batch_tokens)
     task.stats.clear()
     correct = [task.is_correct(t[0], e) for t, e in zip(greedy, examples)]
     metrics = {"questions": len(examples), "accuracy": sum(correct) / len(examples) if examples else None,
@@ -146,14 +151,17 @@ def evaluate(config: EvalConfig) -> dict:
     task, examples = config.load_examples()
     tokenizer = load_tokenizer(config.tokenizer or config.model, config.trust_remote_code)
     model = load_model(config.model, config.model_dtype, config.trust_remote_code).eval()
-    accuracy, records = task_accuracy(model, tokenizer, task, examples, config.max_new_tokens, config.batch_size)
+    # generation in its own dtype; a converted copy where the model's own dtype is still needed for scoring
+    generator = for_generation(model, generation_dtype(config.gen_dtype), keep=bool(config.groups))
+    accuracy, records = task_accuracy(generator, tokenizer, task, examples, config.max_new_tokens, config.batch_size,
+                                      batch_tokens=config.batch_tokens)
     metrics = {"model": config.model, "task": config.task, "split": config.split, **accuracy}
     if config.vote_samples > 0:
         prompts = [task.format_prompt(e) for e in examples]
-        votes = generate_all(model, tokenizer, prompts, k=config.vote_samples, temperature=config.vote_temperature,
-                             max_new_tokens=config.max_new_tokens, batch_size=max(1, config.batch_size //
-                                                                                  config.vote_samples),
-                             seed=config.seed, desc="eval vote")
+        votes = generate_all(generator, tokenizer, prompts, k=config.vote_samples, temperature=config.vote_temperature,
+                             max_new_tokens=config.max_new_tokens, batch_size=-(-config.batch_size //
+                                                                                config.vote_samples),
+                             seed=config.seed, desc="eval vote", batch_tokens=config.batch_tokens)
         answers = [[task.extract_answer(t) for t in ts] for ts in votes]
         # judge the majority answer through one of the COTs that gave it, so each task's own checker decides
         winners = [ts[a.index(majority(a))] if majority(a) is not None else "" for ts, a in zip(votes, answers)]
@@ -161,6 +169,7 @@ def evaluate(config: EvalConfig) -> dict:
         metrics["vote_samples"] = config.vote_samples
     out = Path(config.output)
     out.parent.mkdir(parents=True, exist_ok=True)
+    del generator
     if config.groups:
         groups, _ = load_groups(config.groups)
         scores = score_groups(model, tokenizer, groups, config.max_length)
