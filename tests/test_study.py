@@ -104,7 +104,10 @@ def test_study_end_to_end_resumes_and_reports(tmp_path):
     vft_log = json.loads((run / "seed0" / "vft" / "trainer_state.json").read_text())["log_history"]
     assert sum("eval_accuracy" in h for h in vft_log) >= 2
     curve = json.loads((run / "seed0" / "aft" / "trainer_state.json").read_text())["log_history"]
-    assert sum("eval_assessment_accuracy" in h for h in curve) >= 2
+    # A-accuracy measured on the held-out groups at each evaluation; its value exists only when the tiny
+    # model's samples happen to hold a (right, wrong) pair, which depends on the sampler's draws
+    evals = [h for h in curve if "eval_accuracy" in h]
+    assert len(evals) >= 2 and all("eval_pairs" in h and "eval_score_negative" in h for h in evals)
     assert [c["verdict"] for c in summary["claims"]][0] in ("held", "not held", "unclear (seeds disagree)")
     page = (out / "results.md").read_text()
     assert "| AFT |" in page and "AFT beats VFT" in page and "mixed" in page
