@@ -105,7 +105,12 @@ def sample(config: SampleConfig) -> str:
     shard = output if state.num_processes == 1 else output.with_name(f"{output.name}.shard{state.process_index}")
     done = {**read_done(output), **read_done(shard)}
     model = load_model(config.model, config.model_dtype, config.trust_remote_code).to(state.device).eval()
-    model = for_generation(model, generation_dtype(config.gen_dtype, state.device))
+    dtype = generation_dtype(config.gen_dtype, state.device)
+    if state.num_processes > 1:  # every process generates in rank 0's dtype, whatever its own probe found
+        from accelerate.utils import broadcast_object_list
+
+        dtype = broadcast_object_list([dtype])[0]
+    model = for_generation(model, dtype)
     batches = plan_batches(tokenizer, prompts, config.batch_size, config.k, config.max_new_tokens,
                            config.batch_tokens)
     mine = [(b, batch) for b, batch in enumerate(batches) if b % state.num_processes == state.process_index]
