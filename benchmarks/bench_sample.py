@@ -12,9 +12,9 @@ per-question ``generate`` loop:
 
 Both sample k = 8 completions of up to ``--new-tokens`` tokens for the same questions (~100-token random-digit
 prompts of different lengths) from the same small Llama (4 layers, hidden 256, 8k vocabulary, fp32), with the
-KV cache and temperature 1. "aft sample" is ``aft.sample.generate_batch`` over the question batches of
-``plan_batches`` (sorted by prompt length, several questions per ``generate`` call, each sequence stopping at
-EOS); the baseline calls ``generate`` once per question (its k samples as ``num_return_sequences``). A random
+KV cache and temperature 1. "aft sample" is ``aft.generation.generate`` over the question batches of
+``plan_batches`` (sorted by prompt length, several questions per call, each sequence stopping at EOS); the
+baseline calls ``generate`` once per question (its k samples as ``num_return_sequences``). A random
 model rarely emits EOS, so both generate to the limit: this measures batching, not early stopping.
 Tokens/s counts generated tokens; the two runs alternate ``--repeats`` times and the medians are reported.
 """
@@ -59,8 +59,7 @@ def main():
 
 
 def tiny(a):
-    from aft.generation import generate as generate_batch
-    from aft.generation import plan_batches
+    from aft.generation import generate, plan_batches
     tok = common.tokenizer()
     model = common.model(tok).eval()
     rng = random.Random(0)
@@ -71,7 +70,7 @@ def tiny(a):
     def batched():
         out = []
         for batch in plan_batches(tok, prompts, a.batch_size):
-            out += generate_batch(model, tok, [prompts[i] for i in batch], common.K, 1.0, 1.0, a.new_tokens, seed=0)
+            out += generate(model, tok, [prompts[i] for i in batch], common.K, 1.0, 1.0, a.new_tokens, seed=0)
         return out
 
     def per_question():
