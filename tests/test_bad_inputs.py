@@ -164,7 +164,7 @@ CASES = [
     ("--k 0", [*S, "--k", "0"], 1, "--k", None),
     ("--k -2", [*S, "--k", "-2"], 1, "--k", None),
     ("--top_p 2", [*S, "--top_p", "2"], 1, "--top_p", None),
-    ("--batch_size 0", [*S, "--batch_size", "0"], 1, "--batch_size", None),
+    ("--batch_size -1", [*S, "--batch_size", "-1"], 1, "--batch_size", None),
     ("--temperature -1", [*S, "--temperature", "-1"], 1, "--temperature", None),
     ("--temperature 0 --k 2", [*S, "--temperature", "0", "--k", "2"], 1, "--k", None),
     ("--beta -1", [*A, "--beta", "-1"], 1, "--beta", None),

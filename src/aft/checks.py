@@ -26,7 +26,7 @@ _AT_LEAST_1 = (lambda v: v >= 1, "at least 1")
 _POSITIVE = (lambda v: v > 0, "greater than 0")
 _NON_NEGATIVE = (lambda v: v >= 0, "0 or more")
 RANGES = {
-    "k": _AT_LEAST_1, "batch_size": _AT_LEAST_1, "max_new_tokens": _AT_LEAST_1, "limit": _AT_LEAST_1,
+    "k": _AT_LEAST_1, "batch_size": _NON_NEGATIVE, "batch_tokens": _NON_NEGATIVE, "max_new_tokens": _AT_LEAST_1, "limit": _AT_LEAST_1,
     "max_length": _AT_LEAST_1, "max_candidates": _AT_LEAST_1, "candidate_micro_batch": _AT_LEAST_1,
     "eval_limit": _AT_LEAST_1, "eval_max_new_tokens": _AT_LEAST_1, "vocab_size": _AT_LEAST_1,
     "temperature": _NON_NEGATIVE, "vote_temperature": _NON_NEGATIVE, "vote_samples": _NON_NEGATIVE,
@@ -38,7 +38,7 @@ RANGES = {
     "per_device_eval_batch_size": _AT_LEAST_1, "gradient_accumulation_steps": _AT_LEAST_1,
     "learning_rate": _NON_NEGATIVE, "warmup_steps": _NON_NEGATIVE, "weight_decay": _NON_NEGATIVE,
 }
-CHOICES = {"model_dtype": ("float32", "bfloat16", "float16", "auto")}
+CHOICES = {"model_dtype": ("float32", "bfloat16", "float16", "auto"), "gen_dtype": ("auto", "float32", "bfloat16")}
 _SIMPLE = {"int": int, "float": float, "str": str, "bool": bool}
 
 

@@ -20,21 +20,23 @@ from tqdm.auto import tqdm
 from aft.checks import check_config, require
 from aft.data import SFTCollator, encode_completion, encode_prompt, load_groups, positives, write_jsonl
 from aft.losses import pair_mask
+from aft.generation import GenerationFields, for_generation, generation_dtype, plan_batches
+from aft.generation import generate as generate_batch
 from aft.models import ModelFields, load_model, load_tokenizer, usable_length
 from aft.provenance import OutputFields, claim
-from aft.sample import generate_batch, plan_batches
 from aft.scoring import completion_logprobs, sequence_scores
 from aft.tasks import TaskFields
 
 
 @dataclass
-class EvalConfig(OutputFields, ModelFields, TaskFields):
+class EvalConfig(OutputFields, ModelFields, TaskFields, GenerationFields):
     """Evaluate a model on a task split (and, given labelled groups, its assessment accuracy)."""
 
     split: str = field(default="test", metadata={"help": "Split to evaluate on."})  # not train, as elsewhere
     output: str = field(default="eval.json", metadata={"help": "JSON file for the metrics."})
     max_new_tokens: int = field(default=256, metadata={"help": "Longest completion in tokens."})
-    batch_size: int = field(default=32, metadata={"help": "Questions per generate call."})
+    batch_size: int = field(default=0, metadata={
+        "help": "Most questions per batch; 0: as many as --batch_tokens allows."})
     vote_samples: int = field(default=0, metadata={"help": "Samples per question for majority voting (0: off)."})
     vote_temperature: float = field(default=0.8, metadata={"help": "Temperature of the voting samples."})
     groups: str | None = field(default=None, metadata={
@@ -47,12 +49,13 @@ class EvalConfig(OutputFields, ModelFields, TaskFields):
 
 
 def generate_all(model, tokenizer, prompts, k=1, temperature=0.0, max_new_tokens=256, batch_size=32, seed=0,
-                 desc="generate"):
-    """``generate_batch`` over many prompts, in length-sorted batches, with a progress bar."""
+                 desc="generate", batch_tokens=GenerationFields.batch_tokens):
+    """``generate_batch`` over many prompts, in length-sorted batches sized by tokens, with a progress bar."""
     out = [None] * len(prompts)
-    for b, batch in enumerate(tqdm(plan_batches(tokenizer, prompts, batch_size), desc=desc, unit="batch")):
+    batches = plan_batches(tokenizer, prompts, batch_size, k, max_new_tokens, batch_tokens)
+    for batch in tqdm(batches, desc=desc, unit="batch"):
         texts = generate_batch(model, tokenizer, [prompts[i] for i in batch], k, temperature,
-                               max_new_tokens=max_new_tokens, seed=seed * 1_000_003 + b)
+                               max_new_tokens=max_new_tokens, seed=seed)
         for i, t in zip(batch, texts):
             out[i] = t
     return out
@@ -126,14 +129,16 @@ def answer_metrics(task, texts, examples):
     return metrics, flexible, strict
 
 
-def task_accuracy(model, tokenizer, task, examples, max_new_tokens=256, batch_size=32, desc="eval greedy"):
+def task_accuracy(model, tokenizer, task, examples, max_new_tokens=256, batch_size=32, desc="eval greedy",
+                  batch_tokens=GenerationFields.batch_tokens):
     """Greedy-decoding accuracy on ``examples`` (strict and flexible, see ``answer_metrics``), and one record per
     question.
 
     Where the examples carry a ``variant`` or ``steps`` field with more than one value (a multi-task mixture,
     problems of several lengths), the accuracy per value is reported too (``accuracy_by_variant``, ...)."""
     prompts = [task.format_prompt(e) for e in examples]
-    greedy = generate_all(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size, desc=desc)
+    greedy = generate_all(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size, desc=desc,
+                          batch_tokens=batch_tokens)
     metrics, correct, strict = answer_metrics(task, [t[0] for t in greedy], examples)
     for key in ("variant", "steps"):
         values = sorted({e[key] for e in examples if key in e}, key=str)
@@ -169,19 +174,23 @@ def evaluate(config: EvalConfig) -> dict:
     claim("eval", config, also=(out.with_name("predictions.jsonl"), out.with_name("scores.jsonl")))
     tokenizer = load_tokenizer(config.tokenizer or config.model, config.trust_remote_code)
     model = load_model(config.model, config.model_dtype, config.trust_remote_code).eval()
-    accuracy, records = task_accuracy(model, tokenizer, task, examples, config.max_new_tokens, config.batch_size)
+    # generation in its own dtype; a converted copy where the model's own dtype is still needed for scoring
+    generator = for_generation(model, generation_dtype(config.gen_dtype), keep=bool(config.groups))
+    accuracy, records = task_accuracy(generator, tokenizer, task, examples, config.max_new_tokens, config.batch_size,
+                                      batch_tokens=config.batch_tokens)
     metrics = {"model": config.model, "task": config.task, "split": config.split, **accuracy}
     if config.vote_samples > 0:
         prompts = [task.format_prompt(e) for e in examples]
-        votes = generate_all(model, tokenizer, prompts, k=config.vote_samples, temperature=config.vote_temperature,
-                             max_new_tokens=config.max_new_tokens, batch_size=max(1, config.batch_size //
-                                                                                  config.vote_samples),
-                             seed=config.seed, desc="eval vote")
+        votes = generate_all(generator, tokenizer, prompts, k=config.vote_samples, temperature=config.vote_temperature,
+                             max_new_tokens=config.max_new_tokens, batch_size=-(-config.batch_size //
+                                                                                config.vote_samples),
+                             seed=config.seed, desc="eval vote", batch_tokens=config.batch_tokens)
         answers = [[task.extract_answer(t, "flexible", e) for t in ts] for ts, e in zip(votes, examples)]
         # judge the majority answer through one of the COTs that gave it, so each task's own checker decides
         winners = [ts[a.index(majority(a))] if majority(a) is not None else "" for ts, a in zip(votes, answers)]
         metrics["vote_accuracy"] = sum(task.is_correct(t, e) for t, e in zip(winners, examples)) / len(examples)
         metrics["vote_samples"] = config.vote_samples
+    del generator
     if groups:
         scores = score_groups(model, tokenizer, groups, usable_length(config.max_length, model))
         metrics.update(assessment_accuracy(groups, scores))

@@ -1,10 +1,11 @@
 """``aft sample``: k chains of thought per question, batched, de-duplicated, written as it goes, resumable.
 
-Questions are sorted by prompt length and cut into fixed batches, each with its own seed, so a batch's
-samples do not depend on which batches ran before: a run killed half-way and started again writes exactly
-the file an uninterrupted run writes. Under ``accelerate launch`` the batches are dealt out across
-processes (batch i to process i mod N), each process writes its own shard, and the first merges them.
-On a GPU with vLLM installed, ``--backend vllm`` samples with vLLM instead of ``generate``.
+Questions are sorted by prompt length and cut into batches sized by tokens (``aft.generation``). Each
+sample's noise comes from its own generator, seeded by (seed, prompt, candidate), so no sample depends on
+which batch it fell in or what ran before: a run killed half-way and started again writes exactly the file
+an uninterrupted run writes. Under ``accelerate launch`` the batches are dealt out across processes (batch
+i to process i mod N), each process writes its own shard, and the first merges them. On a GPU with vLLM
+installed, ``--backend vllm`` samples with vLLM instead.
 """
 
 from __future__ import annotations
@@ -17,14 +18,16 @@ import torch
 from tqdm.auto import tqdm
 
 from aft.checks import AftError, check_choice, check_config, require
-from aft.data import DataError, encode_prompt, read_jsonl, write_jsonl
+from aft.data import DataError, read_jsonl, write_jsonl
+from aft.generation import GenerationFields, for_generation, generation_dtype, plan_batches, truncate_at_stop
+from aft.generation import generate as generate_batch
 from aft.models import ModelFields, load_model, load_tokenizer
 from aft.provenance import OutputFields, claim
 from aft.tasks import TaskFields
 
 
 @dataclass
-class SampleConfig(OutputFields, ModelFields, TaskFields):
+class SampleConfig(OutputFields, ModelFields, TaskFields, GenerationFields):
     """Sample k COTs per question of a task split."""
 
     output: str = field(default="samples.jsonl", metadata={"help": "Groups JSONL to write (resumed if present)."})
@@ -32,8 +35,9 @@ class SampleConfig(OutputFields, ModelFields, TaskFields):
     temperature: float = field(default=0.8, metadata={"help": "Sampling temperature; 0 means greedy."})
     top_p: float = field(default=1.0, metadata={"help": "Nucleus sampling threshold."})
     max_new_tokens: int = field(default=256, metadata={"help": "Longest completion in tokens."})
-    batch_size: int = field(default=16, metadata={"help": "Questions per generate call (k sequences each)."})
-    seed: int = field(default=0, metadata={"help": "Base seed; each batch derives its own from it."})
+    batch_size: int = field(default=0, metadata={
+        "help": "Most questions per batch (k sequences each); 0: as many as --batch_tokens allows."})
+    seed: int = field(default=0, metadata={"help": "Seed; each (question, sample) derives its own noise from it."})
     backend: str = field(default="hf", metadata={"help": "hf (transformers generate) or vllm (if installed)."})
     include_reference: bool = field(default=True, metadata={"help": "Store the reference COT in each group."})
 
@@ -42,46 +46,6 @@ class SampleConfig(OutputFields, ModelFields, TaskFields):
         check_choice("backend", self.backend, ("hf", "vllm"))
         if self.temperature == 0 and self.k > 1:
             raise AftError("--temperature 0 is greedy decoding: one completion per question, so --k must be 1")
-
-
-def truncate_at_stop(text: str, stops=("\nQuestion:",)) -> str:
-    """Cut a completion where a base model starts inventing the next question."""
-    for stop in stops:
-        cut = text.find(stop)
-        if cut >= 0:
-            text = text[:cut]
-    return text
-
-
-@torch.no_grad()
-def generate_batch(model, tokenizer, prompts, k: int = 1, temperature: float = 0.0, top_p: float = 1.0,
-                   max_new_tokens: int = 256, seed: int | None = None) -> list[list[str]]:
-    """k completions for each prompt in one ``generate`` call (left padding, KV cache, stop at EOS)."""
-    ids = [encode_prompt(tokenizer, p) for p in prompts]
-    width = max(len(x) for x in ids)
-    pad = tokenizer.pad_token_id
-    device = next(model.parameters()).device
-    input_ids = torch.tensor([[pad] * (width - len(x)) + x for x in ids], device=device)
-    attention = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in ids], device=device)
-    if seed is not None:
-        torch.manual_seed(seed)
-    sampling = temperature > 0
-    out = model.generate(
-        input_ids=input_ids, attention_mask=attention, max_new_tokens=max_new_tokens,
-        do_sample=sampling, temperature=temperature if sampling else None, top_p=top_p if sampling else None,
-        top_k=0 if sampling else None, num_return_sequences=k, pad_token_id=pad,
-        eos_token_id=tokenizer.eos_token_id, use_cache=True,
-    )
-    texts = tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)
-    texts = [truncate_at_stop(t) for t in texts]
-    return [texts[i * k:(i + 1) * k] for i in range(len(prompts))]
-
-
-def plan_batches(tokenizer, prompts: list[str], batch_size: int) -> list[list[int]]:
-    """Question indices in fixed batches of similar prompt length (less padding, same plan every run)."""
-    lengths = [len(encode_prompt(tokenizer, p)) for p in prompts]
-    order = sorted(range(len(prompts)), key=lambda i: (lengths[i], i))
-    return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
 
 
 def dedupe(texts: list[str]) -> list[str]:
@@ -151,7 +115,14 @@ def sample(config: SampleConfig) -> str:
     shard = output if state.num_processes == 1 else output.with_name(f"{output.name}.shard{state.process_index}")
     done = {**read_done(output), **read_done(shard)}
     model = load_model(config.model, config.model_dtype, config.trust_remote_code).to(state.device).eval()
-    batches = plan_batches(tokenizer, prompts, config.batch_size)
+    dtype = generation_dtype(config.gen_dtype, state.device)
+    if state.num_processes > 1:  # every process generates in rank 0's dtype, whatever its own probe found
+        from accelerate.utils import broadcast_object_list
+
+        dtype = broadcast_object_list([dtype])[0]
+    model = for_generation(model, dtype)
+    batches = plan_batches(tokenizer, prompts, config.batch_size, config.k, config.max_new_tokens,
+                           config.batch_tokens)
     mine = [(b, batch) for b, batch in enumerate(batches) if b % state.num_processes == state.process_index]
     todo = [(b, batch) for b, batch in mine if any(ids[i] not in done for i in batch)]
     total = sum(len(batch) for _, batch in mine)
@@ -161,7 +132,7 @@ def sample(config: SampleConfig) -> str:
                                                        disable=not state.is_local_main_process) as bar:
         for b, batch in todo:
             texts = generate_batch(model, tokenizer, [prompts[i] for i in batch], config.k, config.temperature,
-                                   config.top_p, config.max_new_tokens, seed=config.seed * 1_000_003 + b)
+                                   config.top_p, config.max_new_tokens, seed=config.seed)
             lines = [json.dumps(record(i, t), ensure_ascii=False) + "\n" for i, t in zip(batch, texts)
                      if ids[i] not in done]
             f.write("".join(lines))  # one write per batch, flushed: a kill loses at most this batch

@@ -1,0 +1,122 @@
+"""aft.generation: the fast path gives transformers' greedy outputs, its sampler is exact and does not depend
+on the batch, finished rows leave the batch without changing anything, batches are sized by tokens."""
+
+import copy
+
+import pytest
+import torch
+
+import aft.generation as generation
+from aft.generation import generate, generation_dtype, gumbel_max, nucleus_mask, plan_batches
+
+PROMPTS = ["Tom has 3 apples", "A box holds 12 pens. 5 boxes", "3 + 4 =", "The answer is 42. Question:",
+           "Step", "12 * 5 = 60 pens.\n#### 60 Question: Tom"]
+
+
+def plain_generate(model, tokenizer, prompts, max_new_tokens):
+    """transformers' ``generate``, greedy, left padding (what ``aft sample`` ran before): token ids, texts."""
+    ids = [tokenizer(p)["input_ids"] for p in prompts]
+    width, pad = max(len(x) for x in ids), tokenizer.pad_token_id
+    out = model.generate(input_ids=torch.tensor([[pad] * (width - len(x)) + x for x in ids]),
+                         attention_mask=torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in ids]),
+                         max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad,
+                         eos_token_id=tokenizer.eos_token_id)
+    return out[:, width:].tolist(), tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)
+
+
+@pytest.fixture
+def lively(tiny_model):
+    """The tiny model with larger random weights: at initialisation it repeats one token forever."""
+    model = copy.deepcopy(tiny_model)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.3)
+    return model
+
+
+@pytest.fixture
+def early_eos(tokenizer, lively):
+    """The tokenizer with EOS moved to a token the model emits after a few steps in some rows but not in
+    others, so rows finish at different steps."""
+    rows, _ = plain_generate(lively, tokenizer, PROMPTS, max_new_tokens=12)
+    in_prompts = {t for p in PROMPTS for t in tokenizer(p)["input_ids"]}
+    counts = torch.bincount(torch.tensor([t for row in rows for t in row[2:]]))
+    for candidate in counts.argsort(descending=True).tolist():
+        hit = sum(candidate in row[2:] for row in rows)
+        if 2 <= hit < len(PROMPTS) and candidate not in in_prompts and candidate not in tokenizer.all_special_ids:
+            tok = copy.deepcopy(tokenizer)
+            tok.eos_token = tok.convert_ids_to_tokens(candidate)
+            return tok
+    pytest.skip("no token of the model ends some rows but not all")
+
+
+def test_greedy_equals_transformers_generate_in_float32(lively, early_eos, monkeypatch):
+    dropped = []
+    select = generation._PreallocatedLayer.batch_select_indices
+    monkeypatch.setattr(generation._PreallocatedLayer, "batch_select_indices",
+                        lambda self, i: dropped.append(len(i)) or select(self, i))
+    _, plain = plain_generate(lively, early_eos, PROMPTS, max_new_tokens=12)
+    fast = [t[0] for t in generate(lively, early_eos, PROMPTS, max_new_tokens=12, stops=())]
+    assert fast == plain
+    assert dropped  # rows finished at different steps and left the batch
+    assert len({len(t) for t in plain}) > 1
+    # neither the pre-allocated cache nor dropping finished rows changes anything
+    for preallocate, drop in ((False, False), (True, False), (False, True)):
+        assert [t[0] for t in generate(lively, early_eos, PROMPTS, max_new_tokens=12, stops=(),
+                                       preallocate=preallocate, drop_finished=drop)] == plain
+
+
+def test_stop_string_ends_a_row_as_truncation_would(lively, tokenizer):
+    free = generate(lively, tokenizer, PROMPTS, max_new_tokens=16, stops=())
+    word = next(t[0][3:6] for t in free if len(t[0]) > 8)  # a piece of text some completion contains
+    stopped = generate(lively, tokenizer, PROMPTS, max_new_tokens=16, stops=(word,))
+    assert stopped == [[t[0][:t[0].find(word)] if word in t[0] else t[0]] for t in free]
+
+
+def test_sampling_is_seeded_per_prompt_and_sample_not_per_batch(lively, tokenizer):
+    args = dict(k=3, temperature=1.0, max_new_tokens=10)
+    together = generate(lively, tokenizer, PROMPTS, seed=5, **args)
+    assert together == generate(lively, tokenizer, PROMPTS, seed=5, **args)  # rerun: same samples
+    apart = [generate(lively, tokenizer, [p], seed=5, **args)[0] for p in reversed(PROMPTS)][::-1]
+    assert apart == together  # alone or in a batch, the same samples
+    assert generate(lively, tokenizer, PROMPTS, seed=6, **args) != together
+    assert any(len(set(ts)) > 1 for ts in together)  # the k samples of a prompt differ
+
+
+@pytest.mark.parametrize("candidates", [64, 3])  # 3: the rest of the vocabulary often has to be checked
+def test_gumbel_max_draws_from_the_softmax(candidates):
+    torch.manual_seed(0)
+    logits = torch.randn(40) * 2
+    n = 20000
+    generators = [generation._row_generator(0, "p", c) for c in range(n)]
+    tokens = gumbel_max(logits.expand(n, -1).contiguous(), 0.7, generators, candidates=candidates)
+    seen = torch.bincount(tokens, minlength=40).double() / n
+    expected = (logits.double() / 0.7).softmax(0)
+    assert (seen - expected).abs().max() < 4 * (expected * (1 - expected) / n).sqrt().max() + 1e-3
+
+
+def test_nucleus_keeps_the_smallest_set_reaching_top_p():
+    logits = torch.tensor([[0.0, 2.0, 1.0, -1.0]]).log_softmax(-1)  # probabilities .09 .67 .24 .03
+    kept = nucleus_mask(logits, 0.8).isfinite()[0].tolist()
+    assert kept == [False, True, True, False]          # .67 < .8 <= .67 + .24
+    assert nucleus_mask(logits, 0.5).isfinite()[0].tolist() == [False, True, False, False]
+
+
+def test_batches_are_sized_by_tokens(tokenizer):
+    prompts = ["1 " * n for n in (3, 9, 1, 6, 2, 8, 5)]
+    lengths = {p: len(tokenizer(p)["input_ids"]) for p in prompts}
+    batches = plan_batches(tokenizer, prompts, k=2, max_new_tokens=10, batch_tokens=100)
+    assert sorted(i for b in batches for i in b) == list(range(len(prompts)))
+    for b in batches:
+        assert len(b) == 1 or len(b) * 2 * (max(lengths[prompts[i]] for i in b) + 10) <= 100
+    assert len(batches) > 1
+    assert [len(b) for b in plan_batches(tokenizer, prompts, batch_size=3)] == [3, 3, 1]
+
+
+def test_gen_dtype():
+    assert generation_dtype("float32") == torch.float32 and generation_dtype("bfloat16") == torch.bfloat16
+    assert generation_dtype("auto") in (torch.float32, torch.bfloat16)
+    with pytest.raises(ValueError, match="gen_dtype"):
+        generation_dtype("float8")
