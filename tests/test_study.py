@@ -297,10 +297,14 @@ def test_iterative_and_grpo_methods_run_in_a_seed_and_report_their_cost(tmp_path
     assert cost["grpo"]["optimizer_steps"] == 12                     # 72 completions / 6 a step
     assert cost["aft3"]["optimizer_steps"] == 3 * cost["aft"]["optimizer_steps"] > 0  # three rounds of 8 groups
     assert all(c["seconds"] > 0 for c in cost.values())
+    split = seed0["time_split"]
+    assert set(split) == {"generation (sampling)", "evaluation (generation and scoring)", "training",
+                          "training (GRPO, its sampling included)", "labelling", "other"}  # other: init
+    assert sum(split.values()) == pytest.approx(seed0["seconds"], abs=0.5)
     assert seed0["methods"]["aft3"]["hyperparameters"]["learning_rate"] == seed0["chosen"]["aft"]["learning_rate"]
     assert 0 <= seed0["methods"]["grpo"]["vote_accuracy"] <= 1
     page = (tmp_path / "out" / "results.md").read_text()
-    assert "## Cost" in page and "| GRPO | 72 | 12 |" in page and "maj@k" in page
+    assert "## Cost" in page and "| GRPO | 72 | 12 |" in page and "maj@k" in page and "training (GRPO" in page
 
 
 def test_shipped_iterative_study_config_expands():

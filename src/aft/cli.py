@@ -132,8 +132,11 @@ def main(argv=None):
     debug = "--debug" in argv
     argv = [a for a in argv if a != "--debug"]
     command = argv[0] if argv and not argv[0].startswith("-") else ""
+    finished = False
     try:
-        return _dispatch(argv)
+        code = _dispatch(argv)
+        finished = True
+        return code
     except Exception as err:
         line = error_line(err)
         if debug or line is None:
@@ -141,18 +144,21 @@ def main(argv=None):
         print(f"aft {command}: error: {line}".replace("aft : ", "aft: "), file=sys.stderr)
         return 2 if isinstance(err, UsageError) else 1
     finally:
-        _close_distributed()
+        _close_distributed(wait=finished)
 
 
-def _close_distributed():
-    """Destroy the process group a launcher started once the command is done on this rank (every stage ends
-    with all ranks waiting for each other). Left to interpreter teardown, gloo's threads can abort a rank
-    that has finished its work ("terminate called without an active exception"), failing the launch."""
+def _close_distributed(wait: bool = True):
+    """Destroy the process groups a launcher started once the command is done on this rank. Left to interpreter
+    teardown, or destroyed while another rank still has work in flight with this one, gloo's threads can abort a
+    rank that has finished ("terminate called without an active exception"), failing the launch: so when the
+    command succeeded, every rank first waits for the others (after an error the others may never arrive)."""
     if "torch.distributed" not in sys.modules:
         return
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
+        if wait:
+            dist.barrier()
         dist.destroy_process_group()
 
 

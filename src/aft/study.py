@@ -248,6 +248,23 @@ def _tokens(state: dict | None) -> int | None:
     return found[-1] if found else None
 
 
+SPLIT = {"sample": "generation (sampling)", "eval": "evaluation (generation and scoring)", "sft": "training",
+         "align": "training", "grpo": "training (GRPO, its sampling included)", "label": "labelling",
+         "merge": "labelling"}
+
+
+def time_split(run_dir: Path, seconds: dict) -> dict:
+    """A seed's seconds by kind of stage, read from each stage folder's manifest (what made it)."""
+    from aft.provenance import FOLDER_MANIFEST
+
+    split = defaultdict(float)
+    for folder, sec in seconds.items():
+        manifests = [run_dir / folder / FOLDER_MANIFEST, *sorted((run_dir / folder).glob("*.manifest.json"))]
+        kind = next((json.loads(m.read_text()).get("stage") for m in manifests if m.is_file()), None)
+        split[SPLIT.get(kind, "other")] += sec or 0
+    return {k: round(v, 1) for k, v in sorted(split.items())}
+
+
 def method_cost(cfg: dict, method: dict, run_dir: Path, trained: str, seconds: dict) -> dict:
     """What a method cost on one seed: the completions sampled for it (the shared samples its groups came from,
     its own rounds' samples, or what GRPO sampled), its optimizer steps, and the seconds of its own stages
@@ -340,6 +357,7 @@ def seed_record(cfg: dict, seed: int, run_dir: Path, chosen: dict, sweep: list[d
     vft_state = _read(run_dir / VFT / "trainer_state.json")
     record = {"seed": seed, "study": cfg.get("title"), **_environment(),
               "seconds": round(sum(s for s in seconds.values() if s), 1), "stage_seconds": seconds,
+              "time_split": time_split(run_dir, seconds),
               "chosen": chosen, "sweep": sweep,
               "vft": {"epochs": _vft_epochs(vft_state), "train_tokens": _tokens(vft_state)},
               "test": {"questions": questions, "variant": [variant.get(q) for q in questions], "groups": groups,
@@ -473,6 +491,7 @@ def summarize(cfg: dict, records: list[dict]) -> dict:
             "sweep": [row for r in records for row in r.get("sweep", [])], "methods": methods,
             "vft": {str(r["seed"]): r["vft"] for r in records},
             "seconds": {str(r["seed"]): r["seconds"] for r in records},
+            "time_split": {str(r["seed"]): r.get("time_split") for r in records},
             "machines": {str(r["seed"]): r["machine"] for r in records},
             "claims": [judge(claim, records, k) for claim in cfg.get("claims", [])]}
 
@@ -512,7 +531,9 @@ def write_results(summary: dict, command: str) -> Path:
     images = plot_study(summary, figures)
     rel = lambda p: Path(p).resolve().relative_to(md.parent.resolve()).as_posix()  # noqa: E731
     seeds = summary["seeds"]
-    minutes = ", ".join(f"seed {s}: {sec / 60:.0f} min" for s, sec in summary["seconds"].items() if sec)
+    minutes = ", ".join(f"seed {s}: {sec / 60:.0f} min" + (" (" + ", ".join(
+        f"{kind} {v / 60:.0f}" for kind, v in summary["time_split"][s].items()) + ")"
+        if summary.get("time_split", {}).get(s) else "") for s, sec in summary["seconds"].items() if sec)
     lines = [f"# {cfg.get('title', 'Study results')}", "",
              f"Written by `{command}` from the seed files in `{out.get('seeds')}` ({len(seeds)} seeds: {seeds}; "
              f"{minutes}; machines: " + "; ".join(f"seed {s}: {m['processor']}, {m['cpus']} CPUs"
