@@ -76,3 +76,33 @@ def test_settings_that_do_not_change_results_are_not_compared(tmp_path):
     assert changes(base, same) == []
     changed = changes(base, rec(output_dir=str(tmp_path / "a"), beta=0.1, seed=3))
     assert changed == ["beta (0.5 -> 0.1)", "seed (42 -> 3)"]
+
+
+@pytest.mark.parametrize("argv, named", [
+    (["sample", "--offset", "-1"], "--offset"),
+    (["sample", "--batch_tokens", "-1"], "--batch_tokens"),
+    (["sample", "--gen_dtype", "float8"], "gen_dtype"),
+    (["eval", "--batch_size", "-2"], "--batch_size"),
+    (["label", "--answer_match", "fuzzy"], "answer_match"),
+    (["align", "--dpo_boundary", "-1"], "--dpo_boundary"),
+    (["sft", "--early_stopping_min_epochs", "-1"], "--early_stopping_min_epochs"),
+    (["grpo", "--sample_budget", "0"], "--sample_budget"),
+])
+def test_new_fields_are_checked_before_any_file_is_written(argv, named, tmp_path, monkeypatch, capsys):
+    if argv[0] == "grpo":
+        pytest.importorskip("trl")
+    monkeypatch.chdir(tmp_path)
+    assert main([*argv, "--output_dir" if argv[0] in ("sft", "align", "grpo") else "--output",
+                 "out" if argv[0] in ("sft", "align", "grpo") else "out.jsonl"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and named in err[0]
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_merge_needs_inputs():
+    from aft.checks import AftError
+    from aft.iterate import MergeConfig
+
+    for inputs in ([], [""], [3]):
+        with pytest.raises(AftError, match="inputs"):
+            MergeConfig(inputs=inputs)

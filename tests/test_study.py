@@ -137,6 +137,12 @@ def test_bad_study_config_is_refused(tmp_path):
     cfg["methods"][1]["tune"] = "lr_beta"  # sft has no beta
     with pytest.raises(ValueError, match="cannot tune"):
         load_study(str(write(cfg, tmp_path)))
+    for bad, message in [({"tune_as": "nope"}, "tune_as"), ({"rounds": 0}, "rounds"),
+                         ({"rounds": 2, "tune": "lr_beta"}, "rounds")]:
+        cfg = tiny_study(tmp_path)
+        cfg["methods"][3].update(bad)
+        with pytest.raises(ValueError, match=message):
+            load_study(str(write(cfg, tmp_path)))
     cfg = tiny_study(tmp_path)
     cfg["claims"][0]["metric"] = "score_negative"  # not measured question by question
     with pytest.raises(ValueError, match="metric must be"):

@@ -32,7 +32,7 @@ RANGES = {
     "temperature": _NON_NEGATIVE, "vote_temperature": _NON_NEGATIVE, "vote_samples": _NON_NEGATIVE,
     "top_p": (lambda v: 0 < v <= 1, "in (0, 1]"),
     "beta": _NON_NEGATIVE, "dpo_beta": _POSITIVE, "dpo_boundary": _NON_NEGATIVE, "nll_weight": _NON_NEGATIVE,
-    "align_weight": _NON_NEGATIVE, "offset": _NON_NEGATIVE,
+    "align_weight": _NON_NEGATIVE, "offset": _NON_NEGATIVE, "early_stopping_min_epochs": _NON_NEGATIVE,
     "lora_r": _NON_NEGATIVE, "lora_alpha": _POSITIVE, "lora_dropout": (lambda v: 0 <= v < 1, "in [0, 1)"),
     "early_stopping_patience": _AT_LEAST_1, "per_device_train_batch_size": _AT_LEAST_1,
     "per_device_eval_batch_size": _AT_LEAST_1, "gradient_accumulation_steps": _AT_LEAST_1,

@@ -45,6 +45,10 @@ class MergeConfig(OutputFields):
     inputs: list[str] = field(default_factory=list, metadata={"help": "Labelled groups JSONL files."})
     output: str = field(default="groups.jsonl", metadata={"help": "Merged groups JSONL to write."})
 
+    def __post_init__(self):
+        if not self.inputs or not all(isinstance(path, str) and path for path in self.inputs):
+            raise AftError(f"inputs: a list of one or more groups files; got {self.inputs!r}")
+
 
 def merge(config: MergeConfig) -> str:
     """Merge groups by id in first-seen order: completions (de-duplicated as `aft sample` does) with their
