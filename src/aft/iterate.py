@@ -132,15 +132,18 @@ def expand(cfg: dict) -> dict:
 
 def budget(run_dir: Path, rounds: int) -> dict:
     """What each round cost, read from its files: completions sampled, optimizer steps, seconds per stage."""
-    out = {}
+    from aft.pipeline import stage_seconds
+    from aft.sample import completions_sampled
+
+    seconds, out = stage_seconds(run_dir), {}
     for r in range(1, rounds + 1):
         folder = run_dir / f"round{r}"
-        groups = [json.loads(line) for line in (folder / "samples" / "groups.jsonl").open()]
         state = json.loads((folder / "align" / "trainer_state.json").read_text())
-        seconds = {stage.name: json.loads((stage / "DONE").read_text())["seconds"]
-                   for stage in sorted(folder.iterdir()) if (stage / "DONE").exists()}
-        out[f"round{r}"] = {"questions": len(groups), "completions_sampled": sum(g["n_sampled"] for g in groups),
-                            "optimizer_steps": state["global_step"], "seconds": seconds}
+        out[f"round{r}"] = {"questions": sum(1 for _ in (folder / "samples" / "groups.jsonl").open()),
+                            "completions_sampled": completions_sampled(folder / "samples" / "groups.jsonl"),
+                            "optimizer_steps": state["global_step"],
+                            "seconds": {k.split("/", 1)[1]: v for k, v in seconds.items()
+                                        if k.startswith(f"round{r}/")}}
     out["total"] = {key: sum(v[key] for v in out.values()) for key in ("completions_sampled", "optimizer_steps")}
     return out
 

@@ -83,6 +83,18 @@ def init(config: InitConfig) -> str:
     return config.output_dir
 
 
+def stage_seconds(run_dir: Path) -> dict[str, float | None]:
+    """Seconds each finished stage of a run took, from the DONE files ``run_config`` writes, by stage name
+    (its folder relative to the run directory, so nested names like ``round2/align`` too)."""
+    seconds = {}
+    for done in sorted(Path(run_dir).glob("**/DONE")):
+        try:
+            seconds[done.parent.relative_to(run_dir).as_posix()] = json.loads(done.read_text()).get("seconds")
+        except (json.JSONDecodeError, AttributeError):
+            seconds[done.parent.relative_to(run_dir).as_posix()] = None
+    return seconds
+
+
 def stages():
     """The stages of the `aft` command, by name: (config class, function, one-line description)."""
     from aft.evaluate import EvalConfig, evaluate

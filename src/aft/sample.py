@@ -58,6 +58,11 @@ def dedupe(texts: list[str]) -> list[str]:
     return out
 
 
+def completions_sampled(path) -> int:
+    """Completions drawn into a groups file (before de-duplication, where ``aft sample`` recorded it)."""
+    return sum(g.get("n_sampled", len(g["completions"])) for _, g in read_jsonl(path))
+
+
 def read_done(path: Path) -> dict[str, dict]:
     """Groups already written. A last line cut off by a kill is dropped (and rewritten: ``claim`` has shown
     the file is this stage's own partial output); any other bad line is an error."""

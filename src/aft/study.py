@@ -42,7 +42,7 @@ from pathlib import Path
 
 import yaml
 
-from aft.pipeline import run_config, stage_table
+from aft.pipeline import run_config, stage_seconds, stage_table
 
 METRICS = ("accuracy", "assessment_accuracy", "score_positive", "score_negative")
 # an iterative method (rounds of sample -> label -> align from its own models, aft.iterate): these keys say how
@@ -142,8 +142,8 @@ def iterative_stages(cfg: dict, method: dict, chosen: dict, seed: int) -> list[d
 
 def _base_limit(cfg: dict) -> int:
     """How many training questions the shared samples took (the first N): later rounds start past them."""
-    return next((s.get("limit", 0) for s in cfg["base"] if s["stage"] == "sample" and s.get("split", "train") == "train"),
-                0)
+    return next((s.get("limit", 0) for s in cfg["base"]
+                 if s["stage"] == "sample" and s.get("split", "train") == "train"), 0)
 
 
 def seed_config(cfg: dict, seed: int, stages: list[dict]) -> dict:
@@ -269,15 +269,16 @@ def method_cost(cfg: dict, method: dict, run_dir: Path, trained: str, seconds: d
     """What a method cost on one seed: the completions sampled for it (the shared samples its groups came from,
     its own rounds' samples, or what GRPO sampled), its optimizer steps, and the seconds of its own stages
     (training, and an iterative method's own sampling; the shared samples' time is the seed's)."""
+    from aft.sample import completions_sampled
+
     def shared_completions() -> int:
-        return sum(g.get("n_sampled", len(g["completions"])) for g in _jsonl(run_dir / "samples" / "groups.jsonl"))
+        return completions_sampled(run_dir / "samples" / "groups.jsonl")
 
     stage = _stage_of(cfg, method)
     if method.get("rounds"):
         own = [k for k in seconds if k.startswith(f"{method['name']}/")]
-        sampled = shared_completions() + sum(
-            g.get("n_sampled", len(g["completions"])) for k in own if k.endswith("/samples")
-            for g in _jsonl(run_dir / k / "groups.jsonl"))
+        sampled = shared_completions() + sum(completions_sampled(run_dir / k / "groups.jsonl")
+                                             for k in own if k.endswith("/samples"))
         steps = sum((_read(run_dir / k / "trainer_state.json") or {}).get("global_step", 0)
                     for k in own if k.endswith("/align"))
     else:
@@ -310,12 +311,7 @@ def _environment() -> dict:
 
 def seed_record(cfg: dict, seed: int, run_dir: Path, chosen: dict, sweep: list[dict], reuse: dict) -> dict:
     """Everything the report needs from one seed, read from its run folder."""
-    seconds = {}
-    for done in sorted(run_dir.glob("**/DONE")):
-        try:
-            seconds[done.parent.relative_to(run_dir).as_posix()] = json.loads(done.read_text()).get("seconds")
-        except (json.JSONDecodeError, AttributeError):
-            seconds[done.parent.relative_to(run_dir).as_posix()] = None
+    seconds = stage_seconds(run_dir)
     questions = [r["id"] for r in _jsonl(run_dir / f"eval_{VFT}" / "predictions.jsonl")]
     from aft.tasks import load_task
 
@@ -592,7 +588,8 @@ def write_results(summary: dict, command: str) -> Path:
         for name in costed:
             m, c = methods[name], methods[name]["cost"]
             lines.append(f"| {m['label']} | {_num(c['completions_sampled'], 0)} | {_num(c['optimizer_steps'], 0)} | "
-                         f"{_num(c['seconds'], 0)} | {_pct(m['accuracy'])} |" + (f" {_pct(m['vote_accuracy'])} |" if voted else ""))
+                         f"{_num(c['seconds'], 0)} | {_pct(m['accuracy'])} |"
+                         + (f" {_pct(m['vote_accuracy'])} |" if voted else ""))
     variants = sorted({v for m in methods.values() for v in m.get("accuracy_by_variant", {})})
     with_ood = [n for n, m in methods.items() if m["ood_accuracy"]["n"]]
     if variants or with_ood:
