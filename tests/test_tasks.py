@@ -1,6 +1,7 @@
 """Tests for aft.tasks: gold data round-trips, answer extraction, step checks, the safe evaluator,
 the built-in arithmetic task, local JSONL errors and hub loading (faked: no network)."""
 
+import collections
 import json
 import re
 import time
@@ -235,8 +236,8 @@ def test_arithmetic_is_deterministic_and_splits_are_disjoint():
 
 def test_arithmetic_splits_share_no_problem_whatever_its_story():
     # Two questions with the same numbers and operations are one problem, told differently: with few distinct
-    # problems (values up to 5, one or two steps) a text-only check would let them cross between splits.
-    task = load_task("arithmetic", variant="shop+mixed", min_steps=1, max_steps=2, max_value=5, n_train=400,
+    # problems (values up to 5, two or three steps) a text-only check would let them cross between splits.
+    task = load_task("arithmetic", variant="shop+mixed", min_steps=2, max_steps=3, max_value=5, n_train=400,
                      n_val=60, n_test=60)
     problems = {split: [ex["solution"].rsplit("####", 1)[0] for ex in task.load(split)]
                 for split in ("train", "validation", "test")}
@@ -245,6 +246,19 @@ def test_arithmetic_splits_share_no_problem_whatever_its_story():
     assert not set(problems["train"]) & set(problems["test"])
     assert not set(problems["train"]) & set(problems["validation"])
     assert not set(problems["validation"]) & set(problems["test"])
+
+
+def test_arithmetic_splits_hold_the_same_mix_of_lengths():
+    # Short problems are few (values up to 9: about 3,000 distinct two-step problems against 40,000 three-step):
+    # drawing lengths at random and dropping repeats left the demo's training set 16% two-step against a test set
+    # of 49%. Each split is balanced over step counts instead, whichever split is generated last.
+    task = load_task("arithmetic", variant="shop+mixed", min_steps=2, max_steps=3, max_value=9, n_train=2000,
+                     n_val=100, n_test=300)
+    for split, size in (("train", 2000), ("validation", 100), ("test", 300)):
+        counts = collections.Counter(ex["steps"] for ex in task.load(split))
+        assert counts == {2: size // 2, 3: size // 2}, (split, counts)
+    with pytest.raises(ValueError, match="raise max_value"):  # more short problems than exist: a clear error
+        load_task("arithmetic", variant="shop", min_steps=1, max_steps=2, max_value=3, n_train=200).load("train")
 
 
 @pytest.mark.parametrize("variant", ["shop", "mixed"])

@@ -16,7 +16,10 @@ each question from either (its ``variant`` field says which, and ``aft eval`` re
 number of steps (``min_steps`` .. ``max_steps``) and the operand size (``max_value``); every value along
 the way is a non-negative integer below 1000. Splits "train", "validation" and "test" come from one
 ``random.Random(seed)`` stream, generated test first (so the test set does not change with
-``n_train``), and no problem appears twice: problems are told apart by their worked solution (the
+``n_train``). Each split holds the same mix of lengths: its i-th problem has ``min_steps + i % (max_steps -
+min_steps + 1)`` steps, so every split is balanced over step counts (drawing the length at random and dropping
+repeats would thin out the short problems, of which there are few, in the splits generated last). No problem
+appears twice: problems are told apart by their worked solution (the
 numbers and operations, ``canonical``), not their text, so a training question that differs from a test
 question only in its name or objects does not count as unseen::
 
@@ -101,10 +104,12 @@ class ArithmeticTask(GSM8KTask):
                 attempts += 1
                 if attempts > 100 * self.sizes[split] + 1000:
                     raise ValueError(f"cannot make {self.sizes[split]} distinct {split} problems with "
-                                     f"max_value={self.max_value}, steps {self.min_steps}..{self.max_steps}")
+                                     f"max_value={self.max_value}, steps {self.min_steps}..{self.max_steps} "
+                                     "(each step count an equal share): raise max_value or min_steps")
                 # one variant draws nothing extra, so single-variant splits stay as they were
                 variant = rng.choice(self.variants) if len(self.variants) > 1 else self.variant
-                question, lines, answer = self._problem(rng, variant)
+                steps = self.min_steps + len(examples) % (self.max_steps - self.min_steps + 1)
+                question, lines, answer = self._problem(rng, variant, steps)
                 if canonical(lines) in seen:
                     continue
                 seen.add(canonical(lines))
@@ -114,13 +119,13 @@ class ArithmeticTask(GSM8KTask):
             splits[split] = examples
         return splits
 
-    def _problem(self, rng: random.Random, variant: str) -> tuple[str, list[str], int]:
+    def _problem(self, rng: random.Random, variant: str, steps: int) -> tuple[str, list[str], int]:
         story = VARIANTS[variant]
         name, pronoun = rng.choice(NAMES)
         thing = rng.choice(story["objects"])
         value = rng.randint(2, self.max_value)
         sentences, lines = [f"{name} has {value} {thing}."], []
-        for step in range(rng.randint(self.min_steps, self.max_steps)):
+        for step in range(steps):
             op, operand = self._operation(rng, value, variant)
             result = {"+": value + operand, "-": value - operand, "*": value * operand, "/": value // operand}[op]
             lines.append(f"{value} {op} {operand} = {result}")
