@@ -121,7 +121,7 @@ def test_shipped_study_config_builds_every_stage_of_the_sweep_seed(tmp_path):
     # every tuned method has the same budget: as many trainings on the sweep seed as its grid has points
     tuned = [m["name"] for m in cfg["methods"] if m.get("tune")]
     trainings = {m: sum(re.fullmatch(f"sweep_{m}_[0-9]+", n) is not None for n in built) for m in tuned}
-    assert len(tuned) == 15 and set(trainings.values()) == {2}, trainings
+    assert len(tuned) == 15 and set(trainings.values()) == {4}, trainings
 
 
 def test_bad_study_config_is_refused(tmp_path):
