@@ -19,7 +19,8 @@ import torch
 
 from aft.evaluate import EvalConfig, evaluate
 from aft.label import LabelConfig, label
-from aft.models import convert_gguf, smollm2_gguf
+from aft.models import smollm2_gguf
+from aft.pipeline import ConvertConfig, convert
 from aft.sample import SampleConfig, sample
 from aft.train import AlignConfig, align
 
@@ -37,7 +38,8 @@ def smollm2(tmp_path_factory):
     pytest.importorskip("gguf", reason="the gguf package is needed to read the GGUF file (pip install gguf)")
     if not (GSM8K / "train.jsonl").exists():
         pytest.skip(f"GSM8K reference files not found at {GSM8K}")
-    return convert_gguf(gguf, tmp_path_factory.mktemp("smollm2") / "smollm2-135m-instruct")
+    # through the pipeline's convert stage (what a study config starts from), which calls convert_gguf
+    return convert(ConvertConfig(gguf=str(gguf), output_dir=str(tmp_path_factory.mktemp("smollm2") / "smollm2")))
 
 
 def test_smollm2_sample_label_align_lora_reload_eval(smollm2, tmp_path):

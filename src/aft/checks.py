@@ -38,7 +38,8 @@ RANGES = {
     "per_device_eval_batch_size": _AT_LEAST_1, "gradient_accumulation_steps": _AT_LEAST_1,
     "learning_rate": _NON_NEGATIVE, "warmup_steps": _NON_NEGATIVE, "weight_decay": _NON_NEGATIVE,
 }
-CHOICES = {"model_dtype": ("float32", "bfloat16", "float16", "auto"), "gen_dtype": ("auto", "float32", "bfloat16")}
+CHOICES = {"model_dtype": ("float32", "bfloat16", "float16", "auto"), "gen_dtype": ("auto", "float32", "bfloat16"),
+           "save_dtype": ("float32", "bfloat16")}
 _SIMPLE = {"int": int, "float": float, "str": str, "bool": bool}
 
 

