@@ -13,8 +13,10 @@ compare with the float32 single process) and the process count.
 import json
 import os
 import socket
+import shutil
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -32,6 +34,7 @@ TRAIN = ["--optim", "sgd", "--learning_rate", "0.5", "--lr_scheduler_type", "con
 
 FSDP_ON_CPU = """
 import sys
+import warnings
 import accelerate.state
 from accelerate.utils import DistributedType
 import aft.train
@@ -74,6 +77,16 @@ def launch_fsdp(args, tmp_path):
            "--num_processes", "2", "--main_process_port", str(_free_port()), str(tmp_path / "fsdp_on_cpu.py"), *args]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    if out.returncode != 0 and "ChildFailedError" in out.stderr:
+        # An intermittent crash of one gloo process on these CPUs (once in the last 4 clean-clone CI runs; not
+        # reproduced in 6 launches by hand, cause not found): launch once more on a fresh output and port, and
+        # warn with every rank's own lines, so the crash stays visible and diagnosable rather than hidden.
+        failed = [line for line in out.stderr.splitlines() if "[rank" in line or "Error" in line][:60]
+        warnings.warn("FSDP launch crashed once and was relaunched:\n" + "\n".join(failed))
+        output = Path(args[args.index("--output_dir") + 1])
+        shutil.rmtree(output, ignore_errors=True)
+        cmd[cmd.index("--main_process_port") + 1] = str(_free_port())
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     for rank in (0, 1):  # really sharded: each process holds half of every weight
         sharded = f"rank {rank}: fsdp=True FSDPLlamaForCausalLM q_proj local (16, 32) of (32, 32)"
