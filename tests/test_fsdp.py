@@ -34,7 +34,6 @@ TRAIN = ["--optim", "sgd", "--learning_rate", "0.5", "--lr_scheduler_type", "con
 
 FSDP_ON_CPU = """
 import sys
-import warnings
 import accelerate.state
 from accelerate.utils import DistributedType
 import aft.train

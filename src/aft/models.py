@@ -106,6 +106,18 @@ def smollm2_gguf() -> Path | None:
     return found[0] if found else None
 
 
+def gguf_file(path: str | Path) -> Path:
+    """The GGUF file ``path`` names: the file itself, or the one ``.gguf`` file in a folder; else ``AftError``."""
+    from aft.checks import AftError
+
+    path = Path(path)
+    files = sorted(path.glob("*.gguf")) if path.is_dir() else [path] if path.is_file() else []
+    if len(files) != 1:
+        raise AftError(f"{path}: no .gguf file there" if not files else
+                       f"{path}: expected exactly one .gguf file, found {len(files)}")
+    return files[0]
+
+
 def convert_gguf(gguf: str | Path, output_dir: str | Path, dtype: str = "float32") -> str:
     """Convert a GGUF checkpoint (a ``.gguf`` file, or a folder holding one) into a plain safetensors
     checkpoint with its tokenizer, which every stage then loads by folder name. Needs the ``gguf`` package.
@@ -116,14 +128,7 @@ def convert_gguf(gguf: str | Path, output_dir: str | Path, dtype: str = "float32
         from aft.models import convert_gguf, smollm2_gguf
         convert_gguf(smollm2_gguf(), "models/smollm2-135m-instruct")
     """
-    gguf = Path(gguf)
-    if gguf.is_dir():
-        files = sorted(gguf.glob("*.gguf"))
-        if len(files) != 1:
-            raise ValueError(f"{gguf}: expected exactly one .gguf file, found {len(files)}")
-        gguf = files[0]
-    if not gguf.is_file():
-        raise FileNotFoundError(f"{gguf}: no such GGUF file")
+    gguf = gguf_file(gguf)
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=DTYPES[dtype])
     model.hf_quantizer = None  # else save_pretrained would record the (GGUF) quantisation it no longer has

