@@ -304,6 +304,12 @@ def test_iterative_and_grpo_methods_run_in_a_seed_and_report_their_cost(tmp_path
     assert cost["grpo"]["optimizer_steps"] == 12                     # 72 completions / 6 a step
     assert cost["aft3"]["optimizer_steps"] == 3 * cost["aft"]["optimizer_steps"] > 0  # three rounds of 8 groups
     assert all(c["seconds"] > 0 for c in cost.values())
+    run = tmp_path / "study" / "seed0"
+    rounds = [study_module._tokens(json.loads((run / f"aft3/round{r}/align/trainer_state.json").read_text()))
+              for r in (1, 2, 3)]
+    assert cost["aft3"]["completion_tokens"] == sum(rounds) > cost["aft"]["completion_tokens"] > 0
+    assert seed0["methods"]["aft3"]["train_tokens"] == cost["aft3"]["completion_tokens"]
+    assert 72 <= cost["grpo"]["completion_tokens"] <= 72 * cfg["defaults"]["max_new_tokens"]
     split = seed0["time_split"]
     assert set(split) == {"generation (sampling)", "evaluation (generation and scoring)", "training",
                           "training (GRPO, its sampling included)", "labelling", "other"}  # other: init
@@ -311,7 +317,8 @@ def test_iterative_and_grpo_methods_run_in_a_seed_and_report_their_cost(tmp_path
     assert seed0["methods"]["aft3"]["hyperparameters"]["learning_rate"] == seed0["chosen"]["aft"]["learning_rate"]
     assert 0 <= seed0["methods"]["grpo"]["vote_accuracy"] <= 1
     page = (tmp_path / "out" / "results.md").read_text()
-    assert "## Cost" in page and "| GRPO | 72 | 12 |" in page and "maj@k" in page and "training (GRPO" in page
+    assert "## Cost" in page and f"| GRPO | 72 | {cost['grpo']['completion_tokens']:,} | 12 |" in page
+    assert "maj@k" in page and "training (GRPO" in page
 
 
 def test_shipped_iterative_study_config_expands():
@@ -327,3 +334,12 @@ def test_shipped_iterative_study_config_expands():
     grpo = next(m for m in cfg["methods"] if m["name"] == "grpo")
     base = next(s for s in cfg["base"] if s["name"] == "samples")
     assert grpo["sample_budget"] == 3 * base["limit"] * base["k"]  # the 3-round methods' budget
+
+
+def test_grpo_tokens_weight_each_logged_mean_length_by_the_steps_it_covers():
+    # logs at steps 10 and 25 (TRL averages the steps since the last log): (10 x 20 + 15 x 40) / 25 = 32 tokens
+    state = {"log_history": [{"step": 10, "completions/mean_length": 20.0}, {"step": 20, "loss": 0.1},
+                             {"step": 25, "completions/mean_length": 40.0}, {"step": 30, "train_completion_tokens": 0}]}
+    assert study_module._grpo_tokens(state, sampled=100) == 3200
+    assert study_module._grpo_tokens({"log_history": []}, sampled=100) is None
+    assert study_module._grpo_tokens(state, sampled=None) is None

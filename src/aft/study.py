@@ -279,18 +279,34 @@ def method_cost(cfg: dict, method: dict, run_dir: Path, trained: str, seconds: d
         own = [k for k in seconds if k.startswith(f"{method['name']}/")]
         sampled = shared_completions() + sum(completions_sampled(run_dir / k / "groups.jsonl")
                                              for k in own if k.endswith("/samples"))
-        steps = sum((_read(run_dir / k / "trainer_state.json") or {}).get("global_step", 0)
-                    for k in own if k.endswith("/align"))
+        states = [_read(run_dir / k / "trainer_state.json") or {} for k in own if k.endswith("/align")]
+        steps = sum(s.get("global_step", 0) for s in states)
+        tokens = [_tokens(s) for s in states]
+        tokens = sum(tokens) if tokens and None not in tokens else None
     else:
         own = [trained]
         state = _read(run_dir / trained / "trainer_state.json") or {}
         steps = state.get("global_step")
         if stage == "grpo":
             sampled = (_read(run_dir / trained / "budget.json") or {}).get("completions_sampled")
+            tokens = _grpo_tokens(state, sampled)
         else:
             sampled = shared_completions() if stage == "align" else 0
-    return {"completions_sampled": sampled, "optimizer_steps": steps,
+            tokens = _tokens(state)
+    return {"completions_sampled": sampled, "optimizer_steps": steps, "completion_tokens": tokens,
             "seconds": round(sum(seconds.get(k) or 0 for k in own), 1)}
+
+
+def _grpo_tokens(state: dict, sampled: int | None) -> int | None:
+    """Completion tokens GRPO's loss read (every completion it sampled): ``sampled`` x the mean completion
+    length TRL logs (each log averages the steps since the last one, all of the same number of completions,
+    so the mean is weighted by the steps each log covers)."""
+    logs = [h for h in state.get("log_history", []) if "completions/mean_length" in h]
+    steps = [h["step"] - (prev["step"] if prev else 0) for prev, h in zip([None] + logs, logs)]
+    if not sampled or not logs or sum(steps) <= 0:
+        return None
+    mean = sum(h["completions/mean_length"] * n for h, n in zip(logs, steps)) / sum(steps)
+    return round(sampled * mean)
 
 
 def _environment() -> dict:
@@ -343,8 +359,8 @@ def seed_record(cfg: dict, seed: int, run_dir: Path, chosen: dict, sweep: list[d
         if metrics.get("vote_accuracy") is not None:
             entry["vote_accuracy"] = metrics["vote_accuracy"]
         if name not in {s["name"] for s in cfg["base"]}:
-            entry["train_tokens"] = _tokens(_read(run_dir / trained / "trainer_state.json"))
             entry["cost"] = method_cost(cfg, method, run_dir, trained, seconds)
+            entry["train_tokens"] = entry["cost"]["completion_tokens"]
             entry["hyperparameters"] = {k: v for k, v in _method_spec(
                 cfg, method, chosen.get(method.get("tune_as", name))).items()
                                         if k in ("learning_rate", "beta", "dpo_beta", "dpo_boundary", "nll_on",
@@ -469,6 +485,9 @@ def summarize(cfg: dict, records: list[dict]) -> dict:
             entry[metric] = spread([r["methods"][name].get(metric) for r in seen])
         entry["cost"] = {key: spread([r["methods"][name].get("cost", {}).get(key) for r in seen])
                          for key in ("completions_sampled", "optimizer_steps", "seconds")}
+        # seed files written before the cost had its tokens: a one-stage method's are its train_tokens
+        entry["cost"]["completion_tokens"] = spread([r["methods"][name].get("cost", {}).get(
+            "completion_tokens", r["methods"][name].get("train_tokens")) for r in seen])
         variants = sorted({v for r in seen for v in r["methods"][name]["accuracy_by_variant"]})
         entry["accuracy_by_variant"] = {v: spread([r["methods"][name]["accuracy_by_variant"].get(v) for r in seen])
                                         for v in variants}
@@ -504,6 +523,10 @@ def _num(s: dict | None, digits: int = 3, signed: bool = False) -> str:
     if not s or s.get("mean") is None:
         return "-"
     return f"{s['mean']:+.{digits}f}" if signed else f"{s['mean']:.{digits}f}"
+
+
+def _count(s: dict | None) -> str:
+    return "-" if not s or s.get("mean") is None else f"{s['mean']:,.0f}"
 
 
 def _diff(c: dict) -> str:
@@ -570,7 +593,7 @@ def write_results(summary: dict, command: str) -> Path:
               "accuracy per seed |", "|---|---|---|---|---|---|---|---|---|"]
     for name, m in methods.items():
         per_seed = ", ".join(f"{100 * v:.1f}" for v in m["accuracy"].get("values", []))
-        tokens = f"{m['train_tokens']['mean']:,.0f}" if m["train_tokens"]["mean"] else "-"
+        tokens = _count(m["train_tokens"])
         chosen = ", ".join(f"{key} {v:g}" for key, v in (m["chosen"] or {}).items()) or "-"
         lines.append(f"| {m['label']} | {_pct(m['accuracy'])} | {'-' if name == VFT else _diff(m['vs_vft'])} | "
                      f"{_pct(m['assessment_accuracy'])} | {_num(m['score_negative_moved'], signed=True)} | "
@@ -581,13 +604,16 @@ def write_results(summary: dict, command: str) -> Path:
         lines += ["", "## Cost", "",
                   "What each method cost (mean over seeds): completions sampled for it (the shared samples its groups "
                   "came from, its own rounds' samples, or what GRPO sampled), optimizer steps, and seconds of its own "
-                  "stages (training, and an iterative method's own sampling; the shared samples' time is not in it)."
+                  "stages (training, and an iterative method's own sampling; the shared samples' time is not in it). "
+                  "Tokens trained: completion tokens its loss read (GRPO: completions sampled x TRL's logged mean "
+                  "completion length)."
                   + (" maj@k: majority-vote accuracy over the evaluation's vote samples." if voted else ""), "",
-                  "| method | completions sampled | optimizer steps | seconds | accuracy |" + (" maj@k |" if voted else ""),
-                  "|---|---|---|---|---|" + ("---|" if voted else "")]
+                  "| method | completions sampled | tokens trained | optimizer steps | seconds | accuracy |"
+                  + (" maj@k |" if voted else ""), "|---|---|---|---|---|---|" + ("---|" if voted else "")]
         for name in costed:
             m, c = methods[name], methods[name]["cost"]
-            lines.append(f"| {m['label']} | {_num(c['completions_sampled'], 0)} | {_num(c['optimizer_steps'], 0)} | "
+            lines.append(f"| {m['label']} | {_num(c['completions_sampled'], 0)} | {_count(c['completion_tokens'])} | "
+                         f"{_num(c['optimizer_steps'], 0)} | "
                          f"{_num(c['seconds'], 0)} | {_pct(m['accuracy'])} |"
                          + (f" {_pct(m['vote_accuracy'])} |" if voted else ""))
     variants = sorted({v for m in methods.values() for v in m.get("accuracy_by_variant", {})})
