@@ -197,6 +197,29 @@ def test_judge_gives_each_verdict_by_the_two_se_rule():
     assert judge({"text": "", "a": "a", "b": "b", "metric": "assessment_accuracy"}, records)["verdict"] == "held"
 
 
+def test_a_claim_against_a_fixed_value_is_judged_on_the_methods_own_standard_error():
+    """'VFT mis-ranks its own COTs' compares one method's assessment accuracy with the paper's ~70%."""
+    # ordered pairs per question 1 of 2 on 40 questions, 2 of 2 on 10 (2 seeds): 120 of 200 pairs = 0.6;
+    # against 0.7: d_q = ordered - 0.7 n_q, residuals d_q - (-0.1) n_q = -0.2 (80 questions), +0.8 (20):
+    # SE = sqrt(100 / 99 (80 x 0.04 + 20 x 0.64)) / 200 = sqrt(1600 / 99) / 200 = 0.0201
+    rec = {"seed": 0, "test": {"questions": [f"q{i}" for i in range(50)], "variant": ["v"] * 50, "pairs": [2] * 50},
+           "methods": {"vft": {"correct": "1" * 50, "ordered": [1.0] * 40 + [2.0] * 10}}}
+    records = [rec, {**rec, "seed": 1}]
+    found = judge({"text": "", "a": "vft", "b": 0.7, "expect": "less", "metric": "assessment_accuracy"}, records)
+    assert found["difference"] == pytest.approx(-0.1) and found["se"] == pytest.approx(math.sqrt(1600 / 99) / 200)
+    assert found["verdict"] == "held" and found["per_seed"] == {"0": pytest.approx(-0.1), "1": pytest.approx(-0.1)}
+    assert judge({"text": "", "a": "vft", "b": 0.6, "expect": "equal", "tolerance": 0.05,
+                  "metric": "assessment_accuracy"}, records)["verdict"] == "held"
+    # accuracy: every question right, against 0.5: +0.5 with SE 0
+    assert judge({"text": "", "a": "vft", "b": 0.5}, records)["difference"] == pytest.approx(0.5)
+
+
+def test_a_claim_against_a_value_outside_0_1_is_refused(tmp_path):
+    cfg = tiny_study(tmp_path)
+    cfg["claims"] = [{"text": "VFT mis-ranks", "a": "vft", "b": 70, "metric": "assessment_accuracy"}]
+    with pytest.raises(ValueError, match="fixed value in \\[0, 1\\]"):
+        load_study(str(write(cfg, tmp_path)))
+
 def test_mixture_task_has_both_variants():
     mix = load_task(TASK).load("test")
     assert {e["variant"] for e in mix} == {"shop", "mixed"}

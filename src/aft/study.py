@@ -430,7 +430,9 @@ def compare(records: list[dict], a: str, b: str, metric: str = "accuracy") -> di
     """``paired_difference`` of a over b, pooled over the seeds that measured both; per-seed differences too."""
     xs, ys, ws, per_seed = [], [], [], {}
     for record in records:
-        x, y = per_question(record, a, metric), per_question(record, b, metric)
+        x = per_question(record, a, metric)
+        # b a number: a fixed reference value (e.g. the paper's figure), c per question (c x pairs, weighted)
+        y = ([b * w for w in x[1]], x[1]) if _fixed(b) and x else per_question(record, b, metric)
         if x is None or y is None:
             continue
         xs += x[0]
@@ -438,6 +440,10 @@ def compare(records: list[dict], a: str, b: str, metric: str = "accuracy") -> di
         ws += x[1]
         per_seed[str(record["seed"])] = paired_difference(x[0], y[0], x[1])["difference"]
     return {**paired_difference(xs, ys, ws), "per_seed": per_seed}
+
+
+def _fixed(b) -> bool:
+    return isinstance(b, (int, float)) and not isinstance(b, bool)
 
 
 def judge(claim: dict, records: list[dict], standard_errors: float = 2.0) -> dict:
@@ -523,6 +529,10 @@ def _num(s: dict | None, digits: int = 3, signed: bool = False) -> str:
     if not s or s.get("mean") is None:
         return "-"
     return f"{s['mean']:+.{digits}f}" if signed else f"{s['mean']:.{digits}f}"
+
+
+def _pct_of(value: float) -> str:
+    return f"{100 * value:g}%"
 
 
 def _count(s: dict | None) -> str:
@@ -641,7 +651,8 @@ def write_results(summary: dict, command: str) -> Path:
             metric = c.get("metric", "accuracy")
             seeds_ = ", ".join(f"{100 * d:+.1f}" for d in c["per_seed"].values() if d is not None)
             lines.append(f"| {c['text']} | {c.get('paper', '')} | {methods.get(c['a'], {}).get('label', c['a'])} vs "
-                         f"{methods.get(c['b'], {}).get('label', c['b'])} ({metric}) | {_diff(c)}"
+                         f"{_pct_of(c['b']) if _fixed(c['b']) else methods.get(c['b'], {}).get('label', c['b'])} "
+                         f"({metric}) | {_diff(c)}"
                          + (f" ({seeds_})" if seeds_ else "") + f" | {c['verdict']} |")
     lines += ["", "## Figures", ""] + [f"![{title}]({rel(path)})\n\n{text}\n" for title, path, text in images]
     if cfg.get("discussion"):
@@ -729,8 +740,9 @@ def load_study(path: str) -> dict:
         if unknown:
             raise ValueError(f"{path}: method {method['name']!r} cannot tune {sorted(unknown)}: not fields of its stage")
     for claim in cfg.get("claims", []):
-        if claim["a"] not in names or claim["b"] not in names:
-            raise ValueError(f"{path}: claim {claim['text']!r} compares unknown methods")
+        if claim["a"] not in names or not (claim["b"] in names or _fixed(claim["b"]) and 0 <= claim["b"] <= 1):
+            raise ValueError(f"{path}: claim {claim['text']!r} compares unknown methods (b: a method, or a fixed "
+                             f"value in [0, 1] such as the paper's figure)")
         metric = claim.get("metric", "accuracy")
         if metric not in CLAIM_METRICS and not metric.startswith("accuracy:"):
             raise ValueError(f"{path}: claim {claim['text']!r}: metric must be one of {CLAIM_METRICS} or "
