@@ -220,6 +220,7 @@ def test_a_claim_against_a_value_outside_0_1_is_refused(tmp_path):
     with pytest.raises(ValueError, match="fixed value in \\[0, 1\\]"):
         load_study(str(write(cfg, tmp_path)))
 
+
 def test_mixture_task_has_both_variants():
     mix = load_task(TASK).load("test")
     assert {e["variant"] for e in mix} == {"shop", "mixed"}

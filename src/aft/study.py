@@ -491,9 +491,7 @@ def summarize(cfg: dict, records: list[dict]) -> dict:
             entry[metric] = spread([r["methods"][name].get(metric) for r in seen])
         entry["cost"] = {key: spread([r["methods"][name].get("cost", {}).get(key) for r in seen])
                          for key in ("completions_sampled", "optimizer_steps", "seconds")}
-        # seed files written before the cost had its tokens: a one-stage method's are its train_tokens
-        entry["cost"]["completion_tokens"] = spread([r["methods"][name].get("cost", {}).get(
-            "completion_tokens", r["methods"][name].get("train_tokens")) for r in seen])
+        entry["cost"]["completion_tokens"] = entry["train_tokens"]  # one figure (seed_record writes it as both)
         variants = sorted({v for r in seen for v in r["methods"][name]["accuracy_by_variant"]})
         entry["accuracy_by_variant"] = {v: spread([r["methods"][name]["accuracy_by_variant"].get(v) for r in seen])
                                         for v in variants}
