@@ -87,17 +87,66 @@ def test_tune_tests_each_method_at_its_own_best(tmp_path, monkeypatch):
     for name, value in accuracy.items():
         (run_dir / f"{name}_eval").mkdir(parents=True)
         (run_dir / f"{name}_eval" / "eval.json").write_text(json.dumps({"accuracy": value}))
+    (run_dir / "sweep_more_0").mkdir()
+    (run_dir / "sweep_more_0" / "DONE").write_text("{}")  # aft's sweep model is gone: trained again, not reused
     monkeypatch.setattr(study_module, "run_config", lambda c: run_dir)
+    # another seed refuses to start before the sweep
+    with pytest.raises(FileNotFoundError, match="run the sweep first"):
+        tune(cfg, 1)
     chosen, table, reuse = tune(cfg, 0)
     assert chosen == {"more": {"learning_rate": 1e-4}, "aft": {"learning_rate": 1e-3, "beta": 0.5}}
-    assert reuse == {"more": "sweep_more_0", "aft": "sweep_aft_1"}
+    assert reuse == {"more": "sweep_more_0"}
     assert [r["chosen"] for r in table] == [True, False, False, True] and len(table) == 4
-    # another seed reads the choice from the sweep seed's file, and refuses to start without it
-    with pytest.raises(FileNotFoundError, match="run seed 0 first"):
-        tune(cfg, 1)
-    (tmp_path / "out" / "seeds").mkdir(parents=True)
+    assert {"stage", "settings"}.isdisjoint(table[0])
+    # the sweep file carries the choice to another seed, with no table and nothing reused
+    sweep = json.loads((tmp_path / "out" / "seeds" / "sweep.json").read_text())
+    assert sweep["chosen"] == chosen and len(sweep["rows"]) == 4
+    assert tune(cfg, 1) == (chosen, [], {})
+    # a study run before sweep files existed: the choice is in the sweep seed's own file
+    (tmp_path / "out" / "seeds" / "sweep.json").unlink()
     (tmp_path / "out" / "seeds" / "seed0.json").write_text(json.dumps({"chosen": chosen}))
     assert tune(cfg, 1) == (chosen, [], {})
+
+
+def test_the_sweep_is_a_unit_that_resumes_and_refuses_other_settings(tmp_path, monkeypatch):
+    cfg = tiny_study(tmp_path)
+    run_dir = tmp_path / "study" / "seed0"
+    trained = []
+
+    def fake_run(seed_cfg, stop_after=None):
+        names = [s["name"] for s in seed_cfg["stages"] if s["name"].startswith("sweep_") and s["stage"] != "eval"]
+        if names and names[0].startswith(stop_after or "-"):
+            raise KeyboardInterrupt  # the unit is stopped here
+        trained.extend(names)
+        for name in names:
+            (run_dir / f"{name}_eval").mkdir(parents=True, exist_ok=True)
+            (run_dir / f"{name}_eval" / "eval.json").write_text(json.dumps({"accuracy": 0.5}))
+        return run_dir
+
+    monkeypatch.setattr(study_module, "run_config", lambda c: fake_run(c, "sweep_aft"))
+    with pytest.raises(KeyboardInterrupt):
+        study_module.run_sweep(cfg)
+    path = tmp_path / "out" / "seeds" / "sweep.json"
+    first = json.loads(path.read_text())  # written after the first method, before the stop
+    assert [r["method"] for r in first["rows"]] == ["more", "more"] and set(first["chosen"]) == {"more"}
+    assert trained == ["sweep_more_0", "sweep_more_1"]
+    with pytest.raises(ValueError, match="the sweep of \\['aft'\\] is missing"):
+        tune(cfg, 1)
+    # resumed (e.g. on another machine): only the method the file lacks is trained
+    monkeypatch.setattr(study_module, "run_config", fake_run)
+    record = study_module.run_sweep(cfg)
+    assert trained == ["sweep_more_0", "sweep_more_1", "sweep_aft_0", "sweep_aft_1"]
+    assert set(record["chosen"]) == {"more", "aft"}
+    assert study_module.run_sweep(cfg) == record and len(trained) == 4  # complete: nothing trained
+    # a grid changed after the sweep: its rows are refused, not reused; --overwrite trains that method again
+    cfg["sweep"]["grids"]["lr"]["learning_rate"] = [1e-4, 3e-3]
+    with pytest.raises(ValueError, match="other settings"):
+        study_module.run_sweep(cfg)
+    with pytest.raises(ValueError, match="other settings"):
+        tune(cfg, 1)
+    study_module.run_sweep({**cfg, "overwrite": True})
+    assert trained[4:] == ["sweep_more_0", "sweep_more_1"]
+    assert [r["learning_rate"] for r in json.loads(path.read_text())["rows"] if r["method"] == "more"] == [1e-4, 3e-3]
 
 
 def test_shipped_study_config_builds_every_stage_of_the_sweep_seed(tmp_path):
@@ -122,6 +171,32 @@ def test_shipped_study_config_builds_every_stage_of_the_sweep_seed(tmp_path):
     tuned = [m["name"] for m in cfg["methods"] if m.get("tune")]
     trainings = {m: sum(re.fullmatch(f"sweep_{m}_[0-9]+", n) is not None for n in built) for m in tuned}
     assert len(tuned) == 15 and set(trainings.values()) == {4}, trainings
+
+
+def test_shipped_smollm2_study_config_builds_every_stage(tmp_path):
+    from pathlib import Path
+
+    from aft.pipeline import build_stage_config
+    from aft.study import seed_config
+
+    cfg = load_study(str(Path(__file__).parent.parent / "configs" / "study-smollm2.yaml"))
+    chosen = {m["name"]: {k: v[-1] for k, v in cfg["sweep"]["grids"][m["tune"]].items()}
+              for m in cfg["methods"] if m.get("tune")}
+    stages = sweep_stages(cfg) + [s for m in cfg["methods"] for s in method_stages(cfg, m, chosen.get(m["name"], {}), 1)]
+    outputs, built = {}, {}
+    for spec in seed_config(cfg, 1, stages)["stages"]:
+        config, _, _ = build_stage_config(spec, {**cfg["defaults"], "seed": 1}, tmp_path, outputs)
+        outputs[spec["name"]] = getattr(config, "output", None) or config.output_dir
+        built[spec["name"]] = config
+    assert built["base"].gguf == "smollm2" and built["vft"].early_stopping_patience is None
+    # LoRA on every training stage: VFT, the SFT control, each alignment and each sweep point
+    trained = [n for n, c in built.items() if hasattr(c, "learning_rate")]
+    assert len(trained) == 1 + 6 + 12 and all(built[n].lora_r == 16 and built[n].lora_alpha == 32 for n in trained)
+    assert built["aft"].learning_rate == 4e-4 and built["vft_more"].limit == 128 and built["dpo_bc"].dpo_beta == 0.1
+    assert built["sweep_aft_0_eval"].split == "validation" and built["sweep_aft_0_eval"].limit == 200
+    assert built["eval_aft"].split == "test" and built["eval_aft"].limit == 1000 and built["eval_aft"].groups
+    fixed = [c for c in cfg["claims"] if not isinstance(c["b"], str)]
+    assert [(c["a"], c["b"], c["metric"]) for c in fixed] == [("vft", 0.7, "assessment_accuracy")]
 
 
 def test_bad_study_config_is_refused(tmp_path):
@@ -235,6 +310,8 @@ def test_one_seed_writes_its_file_and_the_report_needs_nothing_else(tmp_path):
     cfg = tiny_study(tmp_path)
     path = write(cfg, tmp_path)
     assert main(["study", str(path), "--seed", "1"]) == 1  # seed 1 needs seed 0's sweep first
+    assert main(["study", str(path), "--sweep"]) == 0
+    assert json.loads((tmp_path / "out" / "seeds" / "sweep.json").read_text())["vft"]["epochs"]
     assert main(["study", str(path), "--seeds", "0"]) == 0
     run, out = tmp_path / "study", tmp_path / "out"
     assert not (run / "seed1").exists()

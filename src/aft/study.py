@@ -5,9 +5,11 @@ A study's unit of work is one seed: one pipeline of ``aft run`` stages in ``RUN_
 - the ``base`` stages: a model from scratch, VFT for a fixed epoch budget (validation accuracy logged after
   each epoch, so the plateau shows), k sampled COTs per training question labelled (binary, step-verified
   ranking), and the VFT model's samples of the test questions (the fixed set for assessment accuracy);
-- on the sweep's seed, every tuned method trained at each point of its grid and evaluated on the
-  *validation* split: each method gets a grid of the same size (an equal budget) over its own knobs
-  (learning rate; ``beta`` for constrained losses, ``dpo_beta`` for DPO) and is tested at its own best;
+- the sweep, first, on its own seed: every tuned method trained at each point of its grid and evaluated on
+  the *validation* split: each method gets a grid of the same size (an equal budget) over its own knobs
+  (learning rate; ``beta`` for constrained losses, ``dpo_beta`` for DPO) and is tested at its own best. Its
+  table goes to a sweep file of its own, rewritten after each method, so a sweep too long for one run can
+  be a unit of its own (``--sweep``) that resumes where it stopped;
 - one training stage per ``method`` (on the sweep's seed the sweep's model at the chosen point is reused:
   same seed, data and values), then its evaluation on the test split (and on harder questions for ``ood``).
 
@@ -20,6 +22,7 @@ the claims, the tables and the plots from the seed files alone, so the seeds of 
 different days and machines. Claims are judged by the rule registered in the config (``rule``): the paired
 difference on the same test questions, pooled over seeds, against its standard error::
 
+    aft study configs/study.yaml --sweep     # the sweep alone (resumes where a stopped one was)
     aft study configs/study.yaml --seeds 0   # one seed (its sweep first, if it is the sweep's seed)
     aft study configs/study.yaml             # every seed of the config, one after another
     aft study configs/study.yaml --report    # rewrite the page from the seed files, train nothing
@@ -28,6 +31,7 @@ difference on the same test questions, pooled over seeds, against its standard e
 from __future__ import annotations
 
 import argparse
+import hashlib
 import itertools
 import json
 import math
@@ -42,6 +46,7 @@ from pathlib import Path
 
 import yaml
 
+from aft.checks import AftError
 from aft.pipeline import run_config, stage_seconds, stage_table
 
 METRICS = ("accuracy", "assessment_accuracy", "score_positive", "score_negative")
@@ -80,10 +85,11 @@ def sweep_seed(cfg: dict) -> int | None:
     return cfg["sweep"].get("seed", cfg["seeds"][0]) if cfg.get("sweep") else None
 
 
-def sweep_stages(cfg: dict) -> list[dict]:
-    """Every tuned method at every point of its grid, each evaluated on the validation split."""
+def sweep_stages(cfg: dict, methods: list[dict] | None = None) -> list[dict]:
+    """Every tuned method (of ``methods``, default all) at every point of its grid, each evaluated on the
+    validation split."""
     stages = []
-    for method in cfg["methods"]:
+    for method in cfg["methods"] if methods is None else methods:
         for i, point in enumerate(sweep_points(cfg, method)):
             name = f"sweep_{method['name']}_{i}"
             stages.append({**_method_spec(cfg, method, point), "name": name})
@@ -155,32 +161,100 @@ def seed_file(cfg: dict, seed: int) -> Path:
     return Path(cfg["outputs"]["seeds"]) / f"seed{seed}.json"
 
 
+def sweep_file(cfg: dict) -> Path:
+    return Path(cfg["outputs"]["seeds"]) / "sweep.json"
+
+
+def sweep_settings(cfg: dict, method: dict) -> str:
+    """A fingerprint of what a method's sweep points are made with (the shared defaults and base stages, its
+    training stage at each point, the validation evaluation): a sweep file's rows are reused only under it."""
+    made_with = {"defaults": cfg.get("defaults", {}), "base": cfg["base"],
+                 "stages": sweep_stages(cfg, [method])}
+    return hashlib.sha256(json.dumps(made_with, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def run_sweep(cfg: dict) -> dict:
+    """The sweep as a unit of its own: on the sweep's seed, the base stages and each tuned method at every point
+    of its grid, evaluated on validation. The sweep file (``outputs.seeds``/sweep.json, committed) is rewritten
+    after each method, so a unit stopped part-way resumes on any machine with only the methods it lacks (the
+    base stages run again there). Rows made with other settings are refused, or retrained with ``overwrite``."""
+    seed, path = sweep_seed(cfg), sweep_file(cfg)
+    record = json.loads(path.read_text()) if path.exists() else {}
+    rows, seconds = record.get("rows", []), record.get("stage_seconds", {})
+    for method in cfg["methods"]:
+        points = sweep_points(cfg, method)
+        if not points:
+            continue
+        key = sweep_settings(cfg, method)
+        have = [r for r in rows if r["method"] == method["name"]]
+        if have and any(r["settings"] != key for r in have):
+            if not cfg.get("overwrite"):
+                raise AftError(f"{path}: the sweep of {method['name']!r} was made with other settings; pass "
+                               "--overwrite to train it again, or use other outputs")
+            have = []
+        if len(have) == len(points):
+            continue
+        rows = [r for r in rows if r["method"] != method["name"]]
+        run_dir = run_config(seed_config(cfg, seed, sweep_stages(cfg, [method])))
+        for i, point in enumerate(points):
+            metrics = json.loads((run_dir / f"sweep_{method['name']}_{i}_eval" / "eval.json").read_text())
+            rows.append({"method": method["name"], **point, "validation_accuracy": metrics["accuracy"],
+                         "stage": f"sweep_{method['name']}_{i}", "settings": key})
+        now = stage_seconds(run_dir)
+        seconds.update({k: v for k, v in now.items() if k in {s["name"] for s in cfg["base"]}
+                        or k.startswith(f"sweep_{method['name']}_")})
+        record = {"seed": seed, "study": cfg.get("title"), **_environment(),
+                  "seconds": round(sum(v for v in seconds.values() if v), 1), "stage_seconds": seconds,
+                  "vft": {"epochs": _vft_epochs(_read(run_dir / VFT / "trainer_state.json"))},
+                  "rows": rows, "chosen": _best(cfg, rows)[0]}
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(compact_json(record) + "\n")
+        print(f"study: sweep of {method['name']} written to {path}")
+    return record
+
+
+def _best(cfg: dict, rows: list[dict]) -> tuple[dict, dict]:
+    """Per tuned method whose every point is in ``rows``: its best point's values and the stage that trained it
+    (the first of equals, in the grid's order)."""
+    chosen, stage = {}, {}
+    for method in cfg["methods"]:
+        points = sweep_points(cfg, method)
+        results = [r for r in rows if r["method"] == method["name"]]
+        if points and len(results) == len(points):
+            best = max(results, key=lambda r: r["validation_accuracy"])
+            chosen[method["name"]] = {k: best[k] for k in points[0]}
+            stage[method["name"]] = best["stage"]
+    return chosen, stage
+
+
 def tune(cfg: dict, seed: int) -> tuple[dict, list[dict], dict]:
-    """The values each tuned method is tested at: ``{method: {field: value}}``, the sweep's table and, per
-    method, the sweep stage whose model is the chosen point's. The sweep runs on its own seed; another seed
-    reads the choice from that seed's file (so seeds may run apart, in any order after the sweep's)."""
+    """The values each tuned method is tested at: ``{method: {field: value}}``, the sweep's table (on the
+    sweep's seed) and, per method, the sweep stage of this seed's run folder that trained the chosen point (its
+    model is reused, where it is still there). The sweep runs on its own seed, first (``run_sweep``); another
+    seed reads the choice from the sweep file (or, in studies run before it existed, the sweep seed's file)."""
     if not cfg.get("sweep"):
         return {}, [], {}
-    if seed != sweep_seed(cfg):
-        path = seed_file(cfg, sweep_seed(cfg))
-        if not path.exists():
-            raise FileNotFoundError(f"{path}: run seed {sweep_seed(cfg)} first; its sweep chooses the values "
-                                    f"seed {seed} is trained at")
-        return json.loads(path.read_text())["chosen"], [], {}
-    run_dir = run_config(seed_config(cfg, seed, sweep_stages(cfg)))
-    chosen, table, reuse = {}, [], {}
-    for method in cfg["methods"]:
-        results = []
-        for i, point in enumerate(sweep_points(cfg, method)):
-            metrics = json.loads((run_dir / f"sweep_{method['name']}_{i}_eval" / "eval.json").read_text())
-            results.append({"method": method["name"], **point, "validation_accuracy": metrics["accuracy"],
-                            "stage": f"sweep_{method['name']}_{i}"})
-        if results:
-            best = max(results, key=lambda r: r["validation_accuracy"])  # first of equals: the grid's order
-            chosen[method["name"]] = {k: best[k] for k in sweep_points(cfg, method)[0]}
-            reuse[method["name"]] = best["stage"]
-            table += [{**r, "chosen": r is best} for r in results]
-    return chosen, [{k: v for k, v in r.items() if k != "stage"} for r in table], reuse
+    tuned = [m for m in cfg["methods"] if sweep_points(cfg, m)]
+    if seed == sweep_seed(cfg):
+        rows = run_sweep(cfg).get("rows", [])
+    elif sweep_file(cfg).exists():
+        rows = json.loads(sweep_file(cfg).read_text())["rows"]
+        stale = [m["name"] for m in tuned if {r["settings"] for r in rows if r["method"] == m["name"]}
+                 != {sweep_settings(cfg, m)}]
+        if stale:
+            raise AftError(f"{sweep_file(cfg)}: the sweep of {stale} is missing or was made with other settings: "
+                           f"run it first (aft study CONFIG --sweep)")
+    elif seed_file(cfg, sweep_seed(cfg)).exists():
+        return json.loads(seed_file(cfg, sweep_seed(cfg)).read_text())["chosen"], [], {}
+    else:
+        raise FileNotFoundError(f"{sweep_file(cfg)}: run the sweep first (aft study CONFIG --sweep, or seed "
+                                f"{sweep_seed(cfg)}); it chooses the values seed {seed} is trained at")
+    chosen, stage = _best(cfg, rows)
+    folder = Path(cfg["run_dir"]) / f"seed{seed}"
+    reuse = {m: s for m, s in stage.items() if seed == sweep_seed(cfg) and (folder / s / "DONE").exists()}
+    table = [{**{k: v for k, v in r.items() if k not in ("stage", "settings")}, "chosen": stage[r["method"]] == r["stage"]}
+             for m in tuned for r in rows if r["method"] == m["name"]] if seed == sweep_seed(cfg) else []
+    return chosen, table, reuse
 
 
 def run_seed(cfg: dict, seed: int) -> dict:
@@ -751,8 +825,14 @@ def load_study(path: str) -> dict:
 
 
 def study(config_path: str, seeds: list[int] | None = None, report_only: bool = False,
-          command: str | None = None, overwrite: bool = False) -> dict:
+          command: str | None = None, overwrite: bool = False, sweep_only: bool = False) -> dict:
     cfg = {**load_study(config_path), "overwrite": overwrite}  # rerun stages whose settings changed
+    if sweep_only:
+        if not cfg.get("sweep"):
+            raise ValueError(f"{config_path}: the study has no sweep")
+        record = run_sweep(cfg)
+        print(f"study: chosen on seed {sweep_seed(cfg)}'s validation split: {record.get('chosen')}")
+        return record
     unknown = set(seeds or []) - set(cfg["seeds"])
     if unknown:
         raise ValueError(f"{config_path}: seeds {sorted(unknown)} are not the study's seeds {cfg['seeds']}")
@@ -774,9 +854,13 @@ def main(argv=None) -> int:
                         help="Run only these seeds of the config (each writes its seed file when it finishes).")
     parser.add_argument("--report", action="store_true",
                         help="Only rebuild the summary, claims, tables and plots from the seed files.")
+    parser.add_argument("--sweep", action="store_true",
+                        help="Only run the sweep (a unit of its own, resumable), writing the sweep file.")
     parser.add_argument("--overwrite", action="store_true", help="Run again the stages whose settings changed.")
     args = parser.parse_args(argv)
+    if args.sweep and (args.report or args.seeds):
+        parser.error("--sweep runs the sweep alone: not with --report or --seeds")
     # errors: one line from aft.cli.main
     study(args.config, args.seeds, args.report, command=f"aft study {args.config}"
-          + (" --report" if args.report else ""), overwrite=args.overwrite)
+          + (" --report" if args.report else ""), overwrite=args.overwrite, sweep_only=args.sweep)
     return 0
