@@ -30,6 +30,7 @@ def tiny_study(tmp_path) -> dict:
              "eval_strategy": "epoch", "eval_limit": 8},
             {"name": "samples", "stage": "sample", "model": "vft", "limit": 8, "k": 3},
             {"name": "labeled", "stage": "label", "groups": "samples"},
+            {"name": "vft_on_train", "stage": "eval", "model": "vft", "split": "train", "limit": 4, "groups": "labeled"},
             {"name": "test_samples", "stage": "sample", "model": "vft", "split": "test", "k": 2},
             {"name": "test_labeled", "stage": "label", "groups": "test_samples"},
         ],
@@ -331,6 +332,8 @@ def test_one_seed_writes_its_file_and_the_report_needs_nothing_else(tmp_path):
     assert all(e["train_loss"] > 0 and 0 <= e["validation_accuracy"] <= 1 for e in seed0["vft"]["epochs"])
     assert seed0["seconds"] > 0 and seed0["versions"]["torch"] and seed0["machine"]["cpus"]
     assert seed0["curves"]["aft"] and seed0["scores"]["vft"]
+    on_train = seed0["base_evaluations"]["vft_on_train"]
+    assert on_train["split"] == "train" and 0 <= on_train["accuracy"] <= 1 and 0 <= on_train["assessment_accuracy"] <= 1
     # a second seed from another machine: here seed 0's file copied under seed 1 (its numbers are not the point)
     (out / "seeds" / "seed1.json").write_text(json.dumps({**seed0, "seed": 1, "sweep": []}))
     shutil.rmtree(run)  # no run folder: the report is rebuilt from the seed files alone
@@ -344,6 +347,7 @@ def test_one_seed_writes_its_file_and_the_report_needs_nothing_else(tmp_path):
     page = (out / "results.md").read_text()
     assert "| AFT |" in page and "AFT beats VFT" in page and "± " in page and "(chosen)" in page
     assert "## VFT, epoch by epoch" in page and "mixed" in page
+    assert f"`vft_on_train` on seed 1 (train split): greedy accuracy {100 * on_train['accuracy']:.1f}%" in page
     for name in ("study_accuracy.png", "study_scores.png", "study_training.png"):
         assert (out / "figures" / name).stat().st_size > 0
 

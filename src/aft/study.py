@@ -446,6 +446,10 @@ def seed_record(cfg: dict, seed: int, run_dir: Path, chosen: dict, sweep: list[d
               "time_split": time_split(run_dir, seconds),
               "chosen": chosen, "sweep": sweep,
               "vft": {"epochs": _vft_epochs(vft_state), "train_tokens": _tokens(vft_state)},
+              # evaluations among the base stages (e.g. VFT on its own training questions and samples)
+              "base_evaluations": {s["name"]: {k: metrics.get(k) for k in ("split", "accuracy", "assessment_accuracy")}
+                                   for s in cfg["base"] if s["stage"] == "eval"
+                                   for metrics in [_read(run_dir / s["name"] / "eval.json")] if metrics},
               "test": {"questions": questions, "variant": [variant.get(q) for q in questions], "groups": groups,
                        "pairs": test_pairs},
               "methods": methods}
@@ -583,6 +587,7 @@ def summarize(cfg: dict, records: list[dict]) -> dict:
     return {"config": cfg, "seeds": [r["seed"] for r in records], "rule": {"standard_errors": k},
             "sweep": [row for r in records for row in r.get("sweep", [])], "methods": methods,
             "vft": {str(r["seed"]): r["vft"] for r in records},
+            "base_evaluations": {str(r["seed"]): r["base_evaluations"] for r in records if r.get("base_evaluations")},
             "seconds": {str(r["seed"]): r["seconds"] for r in records},
             "time_split": {str(r["seed"]): r.get("time_split") for r in records},
             "machines": {str(r["seed"]): r["machine"] for r in records},
@@ -663,6 +668,11 @@ def write_results(summary: dict, command: str) -> Path:
             lines.append(f"| {s} | " + " | ".join(
                 f"{e['train_loss']:.3f} / {100 * e['validation_accuracy']:.1f}" if e["validation_accuracy"] is not None
                 and e["train_loss"] is not None else "-" for e in v["epochs"]) + " |")
+        lines.append("")
+    for s, found in summary.get("base_evaluations", {}).items():
+        lines += [f"VFT's own evaluation `{name}` on seed {s} ({m['split']} split): greedy accuracy {100 * m['accuracy']:.1f}%"
+                  + (f", assessment accuracy on its samples {100 * m['assessment_accuracy']:.1f}%"
+                     if m.get("assessment_accuracy") is not None else "") + "." for name, m in found.items()]
         lines.append("")
     lines += ["## Test results", "",
               "Accuracy: greedy decoding on the test split, % (mean ± standard deviation over seeds). Δ VFT: paired "
