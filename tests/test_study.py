@@ -150,21 +150,29 @@ def test_the_sweep_is_a_unit_that_resumes_and_refuses_other_settings(tmp_path, m
     assert [r["learning_rate"] for r in json.loads(path.read_text())["rows"] if r["method"] == "more"] == [1e-4, 3e-3]
 
 
-def test_shipped_study_config_builds_every_stage_of_the_sweep_seed(tmp_path):
+def build_shipped(name: str, seed: int, point: int, tmp_path) -> tuple[dict, dict]:
+    """A shipped study config and every stage config of one seed's pipeline (its sweep included), each tuned
+    method at the given point of its grid."""
     from pathlib import Path
 
     from aft.pipeline import build_stage_config
     from aft.study import seed_config
 
-    cfg = load_study(str(Path(__file__).parent.parent / "configs" / "study.yaml"))
-    chosen = {m["name"]: {k: v[0] for k, v in cfg["sweep"]["grids"][m["tune"]].items()}
+    cfg = load_study(str(Path(__file__).parent.parent / "configs" / name))
+    chosen = {m["name"]: {k: v[point] for k, v in cfg["sweep"]["grids"][m["tune"]].items()}
               for m in cfg["methods"] if m.get("tune")}
-    stages = sweep_stages(cfg) + [s for m in cfg["methods"] for s in method_stages(cfg, m, chosen.get(m["name"], {}), 0)]
+    stages = sweep_stages(cfg) + [s for m in cfg["methods"]
+                                  for s in method_stages(cfg, m, chosen.get(m["name"], {}), seed)]
     outputs, built = {}, {}
-    for spec in seed_config(cfg, 0, stages)["stages"]:
-        config, _, _ = build_stage_config(spec, {**cfg["defaults"], "seed": 0}, tmp_path, outputs)
+    for spec in seed_config(cfg, seed, stages)["stages"]:
+        config, _, _ = build_stage_config(spec, {**cfg["defaults"], "seed": seed}, tmp_path, outputs)
         outputs[spec["name"]] = getattr(config, "output", None) or config.output_dir
         built[spec["name"]] = config
+    return cfg, built
+
+
+def test_shipped_study_config_builds_every_stage_of_the_sweep_seed(tmp_path):
+    cfg, built = build_shipped("study.yaml", 0, 0, tmp_path)
     assert built["vft"].early_stopping_patience is None and built["vft"].num_train_epochs == 16
     assert built["dpo_pub"].nll_on == "none" and built["rrhf_pub"].nll_on == "best" and built["rrhf"].nll_on == "both"
     assert built["dpo_bc"].dpo_beta == 0.1 and built["aft"].beta == 0.05
@@ -175,20 +183,7 @@ def test_shipped_study_config_builds_every_stage_of_the_sweep_seed(tmp_path):
 
 
 def test_shipped_smollm2_study_config_builds_every_stage(tmp_path):
-    from pathlib import Path
-
-    from aft.pipeline import build_stage_config
-    from aft.study import seed_config
-
-    cfg = load_study(str(Path(__file__).parent.parent / "configs" / "study-smollm2.yaml"))
-    chosen = {m["name"]: {k: v[-1] for k, v in cfg["sweep"]["grids"][m["tune"]].items()}
-              for m in cfg["methods"] if m.get("tune")}
-    stages = sweep_stages(cfg) + [s for m in cfg["methods"] for s in method_stages(cfg, m, chosen.get(m["name"], {}), 1)]
-    outputs, built = {}, {}
-    for spec in seed_config(cfg, 1, stages)["stages"]:
-        config, _, _ = build_stage_config(spec, {**cfg["defaults"], "seed": 1}, tmp_path, outputs)
-        outputs[spec["name"]] = getattr(config, "output", None) or config.output_dir
-        built[spec["name"]] = config
+    cfg, built = build_shipped("study-smollm2.yaml", 1, -1, tmp_path)
     assert built["base"].gguf == "smollm2" and built["vft"].early_stopping_patience is None
     # LoRA on every training stage: VFT, the SFT control, each alignment and each sweep point
     trained = [n for n, c in built.items() if hasattr(c, "learning_rate")]
@@ -196,6 +191,7 @@ def test_shipped_smollm2_study_config_builds_every_stage(tmp_path):
     assert built["aft"].learning_rate == 4e-4 and built["vft_more"].limit == 128 and built["dpo_bc"].dpo_beta == 0.1
     assert built["sweep_aft_0_eval"].split == "validation" and built["sweep_aft_0_eval"].limit == 200
     assert built["eval_aft"].split == "test" and built["eval_aft"].limit == 1000 and built["eval_aft"].groups
+    assert built["vft_on_train"].split == "train" and built["vft_on_train"].groups.endswith("labeled/groups.jsonl")
     fixed = [c for c in cfg["claims"] if not isinstance(c["b"], str)]
     assert [(c["a"], c["b"], c["metric"]) for c in fixed] == [("vft", 0.7, "assessment_accuracy")]
 
