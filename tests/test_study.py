@@ -188,7 +188,7 @@ def test_shipped_smollm2_study_config_builds_every_stage(tmp_path):
     # LoRA on every training stage: VFT, the SFT control, each alignment and each sweep point
     trained = [n for n, c in built.items() if hasattr(c, "learning_rate")]
     assert len(trained) == 1 + 6 + 12 and all(built[n].lora_r == 16 and built[n].lora_alpha == 32 for n in trained)
-    assert built["aft"].learning_rate == 4e-4 and built["vft_more"].limit == 128 and built["dpo_bc"].dpo_beta == 0.1
+    assert built["aft"].learning_rate == 4e-4 and built["vft_more"].limit == 160 and built["dpo_bc"].dpo_beta == 0.1
     assert built["sweep_aft_0_eval"].split == "validation" and built["sweep_aft_0_eval"].limit == 200
     assert built["eval_aft"].split == "test" and built["eval_aft"].limit == 1000 and built["eval_aft"].groups
     assert built["vft_on_train"].split == "train" and built["vft_on_train"].groups.endswith("labeled/groups.jsonl")
