@@ -27,3 +27,17 @@ def test_majority_vote():
     assert majority(["3", "4", "4", None]) == "4"
     assert majority(["5", "6"]) == "5"  # tie: first seen wins
     assert majority([None, None]) is None
+
+
+def test_held_out_evaluation_while_training_caps_its_batches_only_on_an_accelerator():
+    from aft.generation import plan_batches
+    from aft.train import held_out_batch_size
+    from aft.tiny import build_tokenizer
+
+    assert held_out_batch_size(8, "cuda:0") == 32  # shares the GPU with the training state
+    assert held_out_batch_size(8, "cpu") == 0
+    # on a CPU 200 questions go in one generation batch (sized by KV-cache tokens), not in 7 of 32
+    tokenizer = build_tokenizer(["What is one and two? 1 + 2 = 3"] * 4)
+    prompts = [f"Question {i}: what is {i} + 1?" for i in range(200)]
+    assert len(plan_batches(tokenizer, prompts, held_out_batch_size(8, "cpu"), 1, 96, 65536)) == 1
+    assert len(plan_batches(tokenizer, prompts, held_out_batch_size(8, "cuda"), 1, 96, 65536)) == 7
