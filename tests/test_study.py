@@ -343,6 +343,7 @@ def test_one_seed_writes_its_file_and_the_report_needs_nothing_else(tmp_path):
     page = (out / "results.md").read_text()
     assert "| AFT |" in page and "AFT beats VFT" in page and "± " in page and "(chosen)" in page
     assert "## VFT, epoch by epoch" in page and "mixed" in page
+    assert re.search(r"The sweep ran as a unit of its own: \d+ minutes of stages on .+, \d+ CPUs", page)
     assert f"`vft_on_train` on seed 1 (train split): greedy accuracy {100 * on_train['accuracy']:.1f}%" in page
     for name in ("study_accuracy.png", "study_scores.png", "study_training.png"):
         assert (out / "figures" / name).stat().st_size > 0

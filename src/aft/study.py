@@ -586,12 +586,22 @@ def summarize(cfg: dict, records: list[dict]) -> dict:
         methods[name] = entry
     return {"config": cfg, "seeds": [r["seed"] for r in records], "rule": {"standard_errors": k},
             "sweep": [row for r in records for row in r.get("sweep", [])], "methods": methods,
+            "sweep_unit": _sweep_unit(cfg),
             "vft": {str(r["seed"]): r["vft"] for r in records},
             "base_evaluations": {str(r["seed"]): r["base_evaluations"] for r in records if r.get("base_evaluations")},
             "seconds": {str(r["seed"]): r["seconds"] for r in records},
             "time_split": {str(r["seed"]): r.get("time_split") for r in records},
             "machines": {str(r["seed"]): r["machine"] for r in records},
             "claims": [judge(claim, records, k) for claim in cfg.get("claims", [])]}
+
+
+def _sweep_unit(cfg: dict) -> dict | None:
+    """Where the sweep ran, how long it took and its VFT's epochs, from the sweep file (None without one)."""
+    path = sweep_file(cfg) if cfg.get("sweep") else None
+    if not path or not path.exists():
+        return None
+    record = json.loads(path.read_text())
+    return {k: record.get(k) for k in ("seed", "seconds", "machine", "vft")}
 
 
 # ---- writing it up ---------------------------------------------------------------------------------------
@@ -651,7 +661,10 @@ def write_results(summary: dict, command: str) -> Path:
     if summary["sweep"]:
         lines += ["## Hyper-parameters chosen on the validation split", "",
                   f"Each tuned method trained at every point of its own grid (the same number of points each) on seed "
-                  f"{sweep_seed(cfg)}, greedy accuracy on validation questions; each is tested at its own best.", "",
+                  f"{sweep_seed(cfg)}, greedy accuracy on validation questions; each is tested at its own best."
+                  + (f" The sweep ran as a unit of its own: {unit['seconds'] / 60:.0f} minutes of stages on "
+                     f"{unit['machine']['processor']}, {unit['machine']['cpus']} CPUs (`{sweep_file(cfg)}`)."
+                     if (unit := summary.get("sweep_unit")) and unit.get("seconds") else ""), "",
                   "| method | point | validation accuracy |", "|---|---|---|"]
         for r in summary["sweep"]:
             point = ", ".join(f"{key} {r[key]}" for key in r if key not in ("method", "validation_accuracy", "chosen"))
