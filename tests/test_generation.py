@@ -120,3 +120,16 @@ def test_gen_dtype():
     assert generation_dtype("auto") in (torch.float32, torch.bfloat16)
     with pytest.raises(ValueError, match="gen_dtype"):
         generation_dtype("float8")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_sampling_on_a_gpu_draws_what_the_cpu_draws(lively, tokenizer):
+    """The uniforms come from per-row CPU generators whatever the device: the same logits give the same tokens
+    on a GPU (the rest-of-vocabulary path included, with 3 candidates), and generate samples there reproducibly."""
+    logits = torch.randn(64, 300, generator=torch.Generator().manual_seed(0))
+    draw = lambda device: gumbel_max(logits.to(device), 2.0, [torch.Generator().manual_seed(i) for i in range(64)],
+                                     candidates=3).cpu()
+    assert torch.equal(draw("cuda"), draw("cpu"))
+    gpu = copy.deepcopy(lively).cuda()
+    args = dict(k=3, temperature=1.0, max_new_tokens=10)
+    assert generate(gpu, tokenizer, PROMPTS, seed=5, **args) == generate(gpu, tokenizer, PROMPTS, seed=5, **args)

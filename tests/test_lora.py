@@ -92,3 +92,12 @@ def test_weights_load_from_safetensors_only(checkpoint, tmp_path):
     torch.save(model.state_dict(), folder / "pytorch_model.bin")
     with pytest.raises(OSError):
         load_model(str(folder))
+
+
+def test_hub_kernels_are_not_fetched(checkpoint):
+    """With the `kernels` package installed (transformers 5.25 requires it), transformers swaps layers for kernels
+    it fetches from the hub when a model first trains on a GPU: code from the hub that nobody asked for, and a
+    crash where the hub cannot be reached (seen on an H200). Loaded by aft, a model never uses them."""
+    model = load_model(checkpoint)
+    model.train()
+    assert model.use_kernels is False

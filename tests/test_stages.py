@@ -52,6 +52,7 @@ def test_stages_through_the_cli(base_model, tmp_path):
                  "--max_new_tokens", "12", "--output", str(out), "--vote_samples", "2"]) == 0
     metrics = json.loads(out.read_text())
     assert metrics["questions"] == 6 and 0.0 <= metrics["accuracy"] <= 1.0 and 0.0 <= metrics["vote_accuracy"] <= 1.0
+    assert metrics["gen_dtype"] in ("float32", "bfloat16")  # what auto resolved to here
     assert "assessment_accuracy" in metrics and (out.parent / "scores.jsonl").exists()
     assert len(lines(out.parent / "predictions.jsonl")) == 6
 

@@ -175,10 +175,13 @@ def evaluate(config: EvalConfig) -> dict:
     tokenizer = load_tokenizer(config.tokenizer or config.model, config.trust_remote_code)
     model = load_model(config.model, config.model_dtype, config.trust_remote_code).eval()
     # generation in its own dtype; a converted copy where the model's own dtype is still needed for scoring
-    generator = for_generation(model, generation_dtype(config.gen_dtype), keep=bool(config.groups))
+    dtype = generation_dtype(config.gen_dtype)
+    generator = for_generation(model, dtype, keep=bool(config.groups))
     accuracy, records = task_accuracy(generator, tokenizer, task, examples, config.max_new_tokens, config.batch_size,
                                       batch_tokens=config.batch_tokens)
-    metrics = {"model": config.model, "task": config.task, "split": config.split, **accuracy}
+    # what `auto` resolved to on this machine: the outputs depend on it, the settings say only "auto"
+    metrics = {"model": config.model, "task": config.task, "split": config.split,
+               "gen_dtype": str(dtype).removeprefix("torch."), **accuracy}
     if config.vote_samples > 0:
         prompts = [task.format_prompt(e) for e in examples]
         votes = generate_all(generator, tokenizer, prompts, k=config.vote_samples, temperature=config.vote_temperature,

@@ -184,7 +184,8 @@ def gumbel_max(logits: torch.Tensor, temperature: float, generators, candidates:
     top, index = logits.topk(k, dim=-1)
     index, order = index.sort(dim=-1)  # noise follows token ids, not topk's order among ties
     top = top.gather(-1, order)
-    u = torch.stack([torch.rand(k + 1, generator=g, dtype=torch.float64) for g in generators])
+    # drawn on the CPU whatever the device (the same samples on a GPU as here), then moved to the logits
+    u = torch.stack([torch.rand(k + 1, generator=g, dtype=torch.float64) for g in generators]).to(logits.device)
     best, arg = (top.double() / temperature + gumbel(u[:, :k])).max(-1)
     token = index.gather(-1, arg[:, None])[:, 0]
     if k == vocab:
@@ -198,7 +199,7 @@ def gumbel_max(logits: torch.Tensor, temperature: float, generators, candidates:
         if wins.any():
             cdf = rest[wins].softmax(-1).cumsum(-1)
             pick = torch.cat([torch.rand(1, generator=generators[r])
-                              for r in check[wins].tolist()])
+                              for r in check[wins].tolist()]).to(cdf.device)
             token[check[wins]] = torch.searchsorted(cdf, (pick * cdf[:, -1])[:, None], right=True)[:, 0].clamp(
                 max=vocab - 1)
     return token

@@ -45,8 +45,11 @@ def load_tokenizer(name: str, trust_remote_code: bool = False):
 def load_model(name: str, dtype: str = "float32", trust_remote_code: bool = False):
     if dtype not in DTYPES:
         raise ValueError(f"model_dtype must be one of {sorted(DTYPES)}; got {dtype!r}")
+    # use_kernels=False: transformers (5.25 with `kernels` installed) otherwise swaps layers for kernels it fetches
+    # from the hub when the model first trains or evaluates on a GPU: code from the hub, run without
+    # --trust_remote_code, and a crash on a machine that cannot reach the hub (seen on an H200).
     return AutoModelForCausalLM.from_pretrained(name, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code,
-                                                use_safetensors=True)
+                                                use_safetensors=True, use_kernels=False)
 
 
 def usable_length(max_length: int, model) -> int:
@@ -130,7 +133,8 @@ def convert_gguf(gguf: str | Path, output_dir: str | Path, dtype: str = "float32
     """
     gguf = gguf_file(gguf)
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=DTYPES[dtype])
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=DTYPES[dtype],
+                                                 use_kernels=False)
     model.hf_quantizer = None  # else save_pretrained would record the (GGUF) quantisation it no longer has
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config

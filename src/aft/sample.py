@@ -126,6 +126,8 @@ def sample(config: SampleConfig) -> str:
 
         dtype = broadcast_object_list([dtype])[0]
     model = for_generation(model, dtype)
+    if state.is_main_process:  # what `auto` resolved to: the samples depend on it
+        print(f"sample: generating in {str(dtype).removeprefix('torch.')}")
     batches = plan_batches(tokenizer, prompts, config.batch_size, config.k, config.max_new_tokens,
                            config.batch_tokens)
     mine = [(b, batch) for b, batch in enumerate(batches) if b % state.num_processes == state.process_index]
