@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 from aft.checks import check_config, require
 from aft.data import SFTCollator, encode_completion, encode_prompt, load_groups, positives, write_jsonl
 from aft.losses import pair_mask
-from aft.generation import GenerationFields, for_generation, generation_dtype, plan_batches
+from aft.generation import GenerationFields, dtype_name, for_generation, generation_dtype, plan_batches
 from aft.generation import generate as generate_batch
 from aft.models import ModelFields, load_model, load_tokenizer, usable_length
 from aft.provenance import OutputFields, claim
@@ -181,7 +181,7 @@ def evaluate(config: EvalConfig) -> dict:
                                       batch_tokens=config.batch_tokens)
     # what `auto` resolved to on this machine: the outputs depend on it, the settings say only "auto"
     metrics = {"model": config.model, "task": config.task, "split": config.split,
-               "gen_dtype": str(dtype).removeprefix("torch."), **accuracy}
+               "gen_dtype": dtype_name(dtype), **accuracy}
     if config.vote_samples > 0:
         prompts = [task.format_prompt(e) for e in examples]
         votes = generate_all(generator, tokenizer, prompts, k=config.vote_samples, temperature=config.vote_temperature,

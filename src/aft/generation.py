@@ -85,6 +85,11 @@ def generation_dtype(name: str, device="cpu") -> torch.dtype:
     return getattr(torch, name)
 
 
+def dtype_name(dtype: torch.dtype) -> str:
+    """``torch.bfloat16`` -> ``bfloat16``: the name a gen_dtype setting uses, for what ``auto`` resolved to."""
+    return str(dtype).removeprefix("torch.")
+
+
 def for_generation(model, dtype: torch.dtype, keep: bool = False):
     """``model`` in ``dtype`` for generation: itself, converted in place, or (``keep``) a converted copy."""
     if next(model.parameters()).dtype == dtype:

@@ -19,7 +19,8 @@ from tqdm.auto import tqdm
 
 from aft.checks import AftError, check_choice, check_config, require
 from aft.data import DataError, read_jsonl, write_jsonl
-from aft.generation import GenerationFields, for_generation, generation_dtype, plan_batches, truncate_at_stop
+from aft.generation import (GenerationFields, dtype_name, for_generation, generation_dtype, plan_batches,
+                            truncate_at_stop)
 from aft.generation import generate as generate_batch
 from aft.models import ModelFields, load_model, load_tokenizer
 from aft.provenance import OutputFields, claim
@@ -127,7 +128,7 @@ def sample(config: SampleConfig) -> str:
         dtype = broadcast_object_list([dtype])[0]
     model = for_generation(model, dtype)
     if state.is_main_process:  # what `auto` resolved to: the samples depend on it
-        print(f"sample: generating in {str(dtype).removeprefix('torch.')}")
+        print(f"sample: generating in {dtype_name(dtype)}")
     batches = plan_batches(tokenizer, prompts, config.batch_size, config.k, config.max_new_tokens,
                            config.batch_tokens)
     mine = [(b, batch) for b, batch in enumerate(batches) if b % state.num_processes == state.process_index]
