@@ -106,3 +106,35 @@ def test_merge_needs_inputs():
     for inputs in ([], [""], [3]):
         with pytest.raises(AftError, match="inputs"):
             MergeConfig(inputs=inputs)
+
+
+@pytest.mark.parametrize("command", ["eval", "sample"])
+def test_generating_stages_start_without_the_trainers(command):
+    """`aft eval` and `aft sample` import their own stage only: the trainers' imports (PEFT, TRL, datasets)
+    are seconds of start-up on a CPU, paid on every evaluation of a study."""
+    import subprocess
+    import sys
+
+    script = (f"import sys\nfrom aft.cli import main\ntry:\n    main([{command!r}, '--help'])\nexcept SystemExit:\n"
+              "    pass\nprint('MODULES', ' '.join(sorted(sys.modules)))")
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout
+    assert f"usage: aft {command}" in out
+    loaded = set(out.split("MODULES", 1)[1].split())
+    assert f"aft.{'evaluate' if command == 'eval' else 'sample'}" in loaded
+    assert not loaded & {"aft.train", "aft.grpo", "aft.label", "aft.iterate", "trl", "peft", "datasets"}
+
+
+def test_grpo_without_trl_says_what_it_needs(monkeypatch, capsys):
+    import aft.grpo
+
+    monkeypatch.setattr(aft.grpo, "GRPOConfig", None)  # as aft.grpo defines it where TRL is not installed
+    assert main(["grpo", "--help"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("aft grpo: error: aft grpo needs TRL") and "pip install 'aft[study]'" in err
+
+
+def test_help_lists_the_commands_not_the_pipeline_only_stages(capsys):
+    assert main(["--help"]) == 0
+    out = capsys.readouterr().out
+    assert "  eval " in out and "  grpo " in out
+    assert "  merge " not in out and "  convert " not in out

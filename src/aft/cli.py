@@ -32,7 +32,12 @@ CONFIG_SUFFIXES = (".yaml", ".yml", ".json")
 def _parser(command: str, config_class):
     """The stage's flag parser: usage ``aft COMMAND ...``, a usage error raised (not a 100-line dump and
     exit), and for the training stages their own flags first, the Trainer's after a heading."""
-    from transformers import HfArgumentParser, TrainingArguments
+    from transformers import HfArgumentParser
+
+    # only a training stage's config derives from TrainingArguments, whose module is then loaded already; importing
+    # it here would load PEFT and the Trainer for `aft eval` and `aft sample` too (seconds of start-up)
+    training_args = sys.modules.get("transformers.training_args")
+    trainer_classes = training_args.TrainingArguments.__mro__ if training_args else (object,)
 
     class Parser(HfArgumentParser):
         def error(self, message):
@@ -41,7 +46,7 @@ def _parser(command: str, config_class):
     parser = Parser(config_class, prog=f"aft {command}", usage=f"aft {command} [CONFIG.yaml] [--flag VALUE ...]",
                     description=(config_class.__doc__ or "").strip())
     # the stage's own fields first (the most derived class's first), then any Trainer option under a heading
-    mro = [cls for cls in config_class.__mro__ if cls not in TrainingArguments.__mro__]
+    mro = [cls for cls in config_class.__mro__ if cls not in trainer_classes]
     rank = {}
     for position, cls in reversed(list(enumerate(mro))):
         rank.update({name: position for name in getattr(cls, "__annotations__", {})})
@@ -163,11 +168,11 @@ def _close_distributed(wait: bool = True):
 
 
 def _dispatch(argv):
-    from aft.pipeline import stages as stage_list
+    from aft.pipeline import STAGES, stage
 
-    stages = stage_list()
+    commands = {name: where for name, where in STAGES.items() if where.command}
     if not argv or argv[0] in ("-h", "--help"):
-        print(USAGE.format(stages="\n".join(f"  {n:<8} {d}" for n, (_, _, d) in stages.items())))
+        print(USAGE.format(stages="\n".join(f"  {n:<8} {w.description}" for n, w in commands.items())))
         return 0
     command, rest = argv[0], argv[1:]
     if command == "demo":
@@ -185,9 +190,9 @@ def _dispatch(argv):
     if command == "report":
         from aft.report import main as report_main
         return report_main(rest)
-    if command not in stages:
+    if command not in commands:
         raise UsageError(f"unknown command {command!r}; see `aft --help`")
-    config_class, fn, _ = stages[command]
+    config_class, fn = stage(command)
     fn(parse_config(config_class, rest, command))
     return 0
 

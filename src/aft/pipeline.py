@@ -123,42 +123,55 @@ def stage_seconds(run_dir: Path) -> dict[str, float | None]:
     return seconds
 
 
-def stages():
-    """The stages of the `aft` command, by name: (config class, function, one-line description)."""
-    from aft.evaluate import EvalConfig, evaluate
-    from aft.grpo import GRPOConfig, grpo
-    from aft.label import LabelConfig, label
-    from aft.sample import SampleConfig, sample
-    from aft.train import AlignConfig, SFTConfig, align, sft
+@dataclass(frozen=True)
+class Stage:
+    """Where a stage lives: looked up by name, so that a command imports only its own stage's module (``aft
+    eval`` does not pay for the trainers' imports: PEFT, TRL, datasets)."""
 
-    return {
-        "sft": (SFTConfig, sft, "Vanilla fine-tuning (VFT) on reference chains of thought."),
-        "sample": (SampleConfig, sample, "Sample k chains of thought per question (resumable)."),
-        "label": (LabelConfig, label, "Label sampled chains of thought: binary, step-verified or given scores."),
-        "align": (AlignConfig, align, "Alignment: AFT or a baseline (rft, rrhf, pro, dpo), with a constraint."),
-        "eval": (EvalConfig, evaluate, "Accuracy, majority-vote accuracy and assessment accuracy."),
-        **({"grpo": (GRPOConfig, grpo, "GRPO (TRL) rewarded by the task's answer checker: an on-policy baseline.")}
-           if GRPOConfig is not None else {}),
-    }
+    module: str
+    config: str
+    function: str
+    description: str
+    command: bool = True  # an `aft` subcommand; False: a stage of pipeline configs only
 
 
-def stage_table():
-    from aft.iterate import MergeConfig, merge
+STAGES = {
+    "sft": Stage("aft.train", "SFTConfig", "sft", "Vanilla fine-tuning (VFT) on reference chains of thought."),
+    "sample": Stage("aft.sample", "SampleConfig", "sample", "Sample k chains of thought per question (resumable)."),
+    "label": Stage("aft.label", "LabelConfig", "label",
+                   "Label sampled chains of thought: binary, step-verified or given scores."),
+    "align": Stage("aft.train", "AlignConfig", "align",
+                   "Alignment: AFT or a baseline (rft, rrhf, pro, dpo), with a constraint."),
+    "eval": Stage("aft.evaluate", "EvalConfig", "evaluate", "Accuracy, majority-vote accuracy and assessment accuracy."),
+    "grpo": Stage("aft.grpo", "GRPOConfig", "grpo",
+                  "GRPO (TRL) rewarded by the task's answer checker: an on-policy baseline (needs TRL)."),
+    "init": Stage("aft.pipeline", "InitConfig", "init", "A tokenizer and a small random Llama, offline.", False),
+    "convert": Stage("aft.pipeline", "ConvertConfig", "convert", "A GGUF file as a checkpoint.", False),
+    "merge": Stage("aft.iterate", "MergeConfig", "merge", "Several groups files as one.", False),
+}
 
-    table = {name: (cls, fn) for name, (cls, fn, _) in stages().items()}
-    table["init"] = (InitConfig, init)
-    table["convert"] = (ConvertConfig, convert)
-    table["merge"] = (MergeConfig, merge)
-    return table
+
+def stage(kind: str):
+    """(config class, function) of the stage ``kind``, importing only the module it lives in."""
+    import importlib
+
+    if kind not in STAGES:
+        raise ValueError(f"'stage' must be one of {sorted(STAGES)}; got {kind!r}")
+    where = STAGES[kind]
+    module = importlib.import_module(where.module)
+    config_class = getattr(module, where.config)
+    if config_class is None:  # aft.grpo without TRL installed
+        raise AftError(f"aft {kind} needs TRL, which is not installed: pip install 'aft[study]'")
+    return config_class, getattr(module, where.function)
 
 
 def build_stage_config(spec: dict, defaults: dict, run_dir: Path, outputs: dict):
     """The config dataclass of one stage, with stage-name references resolved and outputs placed."""
-    table = stage_table()
     kind = spec.get("stage")
-    if kind not in table:
-        raise ValueError(f"stage {spec.get('name')!r}: 'stage' must be one of {sorted(table)}; got {kind!r}")
-    cls, fn = table[kind]
+    try:
+        cls, fn = stage(kind)
+    except ValueError as err:
+        raise ValueError(f"stage {spec.get('name')!r}: {err}") from None
     names = {f.name for f in fields(cls)}
     values = {k: v for k, v in defaults.items() if k in names}
     values.update({k: v for k, v in spec.items() if k not in ("name", "stage")})

@@ -47,7 +47,7 @@ from pathlib import Path
 import yaml
 
 from aft.checks import AftError
-from aft.pipeline import run_config, stage_seconds, stage_table
+from aft.pipeline import run_config, stage, stage_seconds
 
 METRICS = ("accuracy", "assessment_accuracy", "score_positive", "score_negative")
 # an iterative method (rounds of sample -> label -> align from its own models, aft.iterate): these keys say how
@@ -57,8 +57,8 @@ VFT = "vft"  # the base stage every method starts from
 
 # ---- expanding the config into pipeline stages ----------------------------------------------------------
 
-def _fields_of(stage: str) -> set[str]:
-    return {f.name for f in fields(stage_table()[stage][0])}
+def _fields_of(kind: str) -> set[str]:
+    return {f.name for f in fields(stage(kind)[0])}
 
 
 def _stage_of(cfg: dict, method: dict) -> str:
