@@ -307,6 +307,26 @@ def real_model(a):
             name = f"`aft {command}` whole process, default flags, {a.process_questions} questions"
             results[name] = {"s": seconds, "tokens": count(texts), "tokens_per_s": count(texts) / seconds}
             print(f"{name}: {results[name]['tokens_per_s']:.0f} tokens/s", flush=True)
+        # what of `aft eval`'s time is not generation: start-up, model load, dtype probe (1 question, 1 token)
+        startup = aft_process("eval", [*flags[:-4], "--limit", "1", "--max_new_tokens", "1",
+                                       "--output", f"{tmp}/startup/eval.json"])
+        print(f"`aft eval` start-up (1 question, 1 new token): {startup:.1f} s", flush=True)
+
+    # `aft eval`'s generation in this process: how much of it is reading the prompts (prefill, 1 new token)
+    eval_task, eval_examples = TaskFields(task="gsm8k", data_path=str(GSM8K), split="test",
+                                          limit=a.process_questions).load_examples()
+    eval_prompts = [eval_task.format_prompt(e) for e in eval_examples]
+    eval_batches = plan_batches(tok, eval_prompts, 0, 1, a.new_tokens, 65536)
+    prefill_s = timed_once(lambda: [generate(bf16, tok, [eval_prompts[i] for i in b], 1, max_new_tokens=1)
+                                    for b in eval_batches])
+    answers = []
+    greedy_s = timed_once(lambda: answers.extend(
+        generate(bf16, tok, [eval_prompts[i] for i in b], 1, max_new_tokens=a.new_tokens) for b in eval_batches))
+    eval_split = {"questions": len(eval_prompts), "prompt_tokens": sum(len(tok(p)["input_ids"]) for p in eval_prompts),
+                  "generated_tokens": count([o for batch in answers for o in batch]),
+                  "prefill_s": prefill_s, "greedy_s": greedy_s}
+    print(f"`aft eval`'s generation in process, bf16: {greedy_s:.1f} s for {eval_split['generated_tokens']} tokens, "
+          f"of which prefill of {eval_split['prompt_tokens']} prompt tokens {prefill_s:.1f} s", flush=True)
 
     rates = {"float32": machine_rate(torch.float32), "bfloat16": machine_rate(torch.bfloat16)}
     step_rows = 256  # the rows of the `aft sample` run's batch (64 questions x k 4)
@@ -327,6 +347,8 @@ def real_model(a):
         "greedy_per_token_over_sampling": greedy / sampling,
         "bf16_greedy_agreement_with_fp32": agreement,
         "fast_default_over_llama_cpp_batched": sampling / llama if llama else None,
+        "aft_eval_startup_s": startup,
+        "aft_eval_in_process": eval_split,
     }
     for line in (f"matrix products: fp32 {rates['float32']:.0f} GFLOP/s, bf16 {rates['bfloat16']:.0f} GFLOP/s",
                  *(f"decode step, {step_rows} rows, {d}: {g:.0f} GFLOP/s = {s:.0%} of the {d} rate"
