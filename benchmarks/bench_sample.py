@@ -266,8 +266,9 @@ def real_model(a):
         "fast path, fp32, same batches": lambda: run(generate, fp32, fixed),
         "fast path, bf16, same batches, cache grown by concatenation, finished rows kept":
             lambda: run(generate, bf16, fixed, preallocate=False, drop_finished=False),
-        "+ pre-allocated KV cache": lambda: run(generate, bf16, fixed, drop_finished=False),
-        "+ finished rows dropped": lambda: run(generate, bf16, fixed),
+        "+ pre-allocated KV cache": lambda: run(generate, bf16, fixed, drop_finished=False, group_prefill=False),
+        "+ finished rows dropped": lambda: run(generate, bf16, fixed, group_prefill=False),
+        "+ prompts prefilled in groups of similar length": lambda: run(generate, bf16, fixed),
         "+ batches by tokens (the default): sampling": lambda: run(generate, bf16, by_tokens),
         "+ batches by tokens (the default): greedy": lambda: run(generate, bf16, by_tokens, temperature=0.0),
     }
@@ -317,16 +318,18 @@ def real_model(a):
                                           limit=a.process_questions).load_examples()
     eval_prompts = [eval_task.format_prompt(e) for e in eval_examples]
     eval_batches = plan_batches(tok, eval_prompts, 0, 1, a.new_tokens, 65536)
-    prefill_s = timed_once(lambda: [generate(bf16, tok, [eval_prompts[i] for i in b], 1, max_new_tokens=1)
-                                    for b in eval_batches])
-    answers = []
-    greedy_s = timed_once(lambda: answers.extend(
-        generate(bf16, tok, [eval_prompts[i] for i in b], 1, max_new_tokens=a.new_tokens) for b in eval_batches))
-    eval_split = {"questions": len(eval_prompts), "prompt_tokens": sum(len(tok(p)["input_ids"]) for p in eval_prompts),
-                  "generated_tokens": count([o for batch in answers for o in batch]),
-                  "prefill_s": prefill_s, "greedy_s": greedy_s}
-    print(f"`aft eval`'s generation in process, bf16: {greedy_s:.1f} s for {eval_split['generated_tokens']} tokens, "
-          f"of which prefill of {eval_split['prompt_tokens']} prompt tokens {prefill_s:.1f} s", flush=True)
+    eval_split = {"questions": len(eval_prompts), "prompt_tokens": sum(len(tok(p)["input_ids"]) for p in eval_prompts)}
+    for grouped in (False, True):
+        def greedy(new_tokens):
+            return [o for b in eval_batches for o in generate(bf16, tok, [eval_prompts[i] for i in b], 1,
+                                                              max_new_tokens=new_tokens, group_prefill=grouped)]
+        answers = []
+        prefill_s = timed_once(lambda: greedy(1))
+        greedy_s = timed_once(lambda: answers.extend(greedy(a.new_tokens)))
+        name = "prefill_in_groups" if grouped else "one_prefill"
+        eval_split[name] = {"generated_tokens": count(answers), "prefill_s": prefill_s, "greedy_s": greedy_s}
+        print(f"`aft eval`'s generation in process, bf16, {name}: {greedy_s:.1f} s for {count(answers)} tokens, "
+              f"of which prefill of {eval_split['prompt_tokens']} prompt tokens {prefill_s:.1f} s", flush=True)
 
     rates = {"float32": machine_rate(torch.float32), "bfloat16": machine_rate(torch.bfloat16)}
     step_rows = 256  # the rows of the `aft sample` run's batch (64 questions x k 4)

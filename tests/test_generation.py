@@ -62,10 +62,29 @@ def test_greedy_equals_transformers_generate_in_float32(lively, early_eos, monke
     assert fast == plain
     assert dropped  # rows finished at different steps and left the batch
     assert len({len(t) for t in plain}) > 1
-    # neither the pre-allocated cache nor dropping finished rows changes anything
-    for preallocate, drop in ((False, False), (True, False), (False, True)):
+    # neither the pre-allocated cache, nor dropping finished rows, nor prefilling in groups changes anything
+    for preallocate, drop, grouped in ((False, False, True), (True, False, True), (False, True, True),
+                                       (True, True, False)):
         assert [t[0] for t in generate(lively, early_eos, PROMPTS, max_new_tokens=12, stops=(),
-                                       preallocate=preallocate, drop_finished=drop)] == plain
+                                       preallocate=preallocate, drop_finished=drop,
+                                       group_prefill=grouped)] == plain
+
+
+def test_prompts_are_prefilled_in_groups_of_similar_length(lively, tokenizer, monkeypatch):
+    lengths = [len(tokenizer(p)["input_ids"]) for p in PROMPTS]
+    groups = generation.prefill_groups(lengths)
+    assert sorted(i for g in groups for i in g) == list(range(len(PROMPTS)))
+    assert len(groups) > 1 and all(max(lengths[i] for i in g) <= 1.5 * min(lengths[i] for i in g) for g in groups)
+    written = []
+    write = generation._PreallocatedLayer.write_rows
+    monkeypatch.setattr(generation._PreallocatedLayer, "write_rows",
+                        lambda self, rows, keys, *a: written.append((len(rows), keys.shape[-2])) or
+                        write(self, rows, keys, *a))
+    args = dict(k=3, temperature=1.0, max_new_tokens=10, seed=5)
+    grouped = generate(lively, tokenizer, PROMPTS, **args)
+    n_layers = lively.config.num_hidden_layers
+    assert written[::n_layers] == [(len(g), max(lengths[i] for i in g)) for g in groups]  # each padded to its own
+    assert grouped == generate(lively, tokenizer, PROMPTS, group_prefill=False, **args)
 
 
 def test_stop_string_ends_a_row_as_truncation_would(lively, tokenizer):
