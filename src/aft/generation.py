@@ -36,6 +36,7 @@ from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
 from aft.data import encode_prompt
+from aft.decode import decode_step
 
 STOPS = ("\nQuestion:",)
 GEN_DTYPES = ("auto", "float32", "bfloat16")
@@ -287,11 +288,11 @@ def _stopped(tokenizer, tokens, rows, step, stops, every=8):
 @torch.no_grad()
 def generate(model, tokenizer, prompts, k: int = 1, temperature: float = 0.0, top_p: float = 1.0,
              max_new_tokens: int = 256, seed: int = 0, stops=STOPS, preallocate: bool = True,
-             drop_finished: bool = True, group_prefill: bool = True) -> list[list[str]]:
+             drop_finished: bool = True, group_prefill: bool = True, fused_step: bool = True) -> list[list[str]]:
     """k completions for each prompt (left padding, KV cache, stop at EOS or a stop string), cut at the stop.
 
-    ``preallocate``, ``drop_finished`` and ``group_prefill`` only change speed, never the output (the benchmark
-    turns them off; grouping needs the pre-allocated cache)."""
+    ``preallocate``, ``drop_finished``, ``group_prefill`` and ``fused_step`` only change speed, never the output
+    in float32 (the benchmark turns them off; grouping and the fused step need the pre-allocated cache)."""
     device = next(model.parameters()).device
     ids = [encode_prompt(tokenizer, p) for p in prompts]
     width, n = max(len(x) for x in ids), len(prompts) * k
@@ -303,6 +304,7 @@ def generate(model, tokenizer, prompts, k: int = 1, temperature: float = 0.0, to
     positions = (mask[:, :width].cumsum(-1) - 1).clamp(min=0)
     cache = _new_cache(model, width + max_new_tokens, preallocate)
     logits = _prefill(model, input_ids, mask[:, :width], positions, cache, [len(x) for x in ids], group_prefill)
+    fused = decode_step(model) if fused_step and all(isinstance(x, _PreallocatedLayer) for x in cache.layers) else None
     if k > 1:  # one prefill per prompt, its cache copied to the k rows
         cache.batch_repeat_interleave(k)
         logits, mask = logits.repeat_interleave(k, 0), mask.repeat_interleave(k, 0)
@@ -329,8 +331,11 @@ def generate(model, tokenizer, prompts, k: int = 1, temperature: float = 0.0, to
             rows, mask, position, nxt, finished = rows[keep], mask[keep], position[keep], nxt[keep], finished[keep]
             generators = [generators[i] for i in keep.tolist()] if generators else []
         mask[:, width + step] = 1
-        logits = model(input_ids=nxt[:, None], attention_mask=mask[:, :width + step + 1],
-                       position_ids=position[:, None], cache=cache, use_cache=True).logits[:, -1]
+        if fused is not None:
+            logits = fused(nxt, position, cache.layers, width + step, mask[:, :width + step + 1].bool())
+        else:
+            logits = model(input_ids=nxt[:, None], attention_mask=mask[:, :width + step + 1],
+                           position_ids=position[:, None], cache=cache, use_cache=True).logits[:, -1]
         position = position + 1
     texts = tokenizer.batch_decode([t[:m] for t, m in zip(tokens.tolist(), length.tolist())],
                                    skip_special_tokens=True)

@@ -1,0 +1,121 @@
+"""One decode step of a Llama-architecture model on its own weights: what ``aft.generation`` runs on a CPU.
+
+A decode step reads one new token per row. At the sizes ``aft sample`` and ``aft eval`` run on a CPU (a
+135M-parameter model, 16 to 256 rows, 2 cores) the model's own forward spends much of the step outside its
+matrix products; this step does the same arithmetic with less around it:
+
+- in bfloat16 (float16) the q, k and v projections are one matrix product, and the gate and up projections
+  another (fewer, larger products), and every weight is packed once, for the whole generation, into the
+  blocked layout oneDNN's AMX / AVX512 kernels read (``torch.nn.Linear`` lays it out again at every call;
+  PyTorch's own compiler packs weights the same way). In float32 each product is the model's own
+  ``linear``;
+- the normalisations, the rotary embedding (the model's own ``rotary_emb``) and the attention
+  (``scaled_dot_product_attention`` with the query heads of a key/value head packed together, as
+  transformers does for one query token) are the model's arithmetic in the model's order, so in float32
+  the logits equal the model's forward (``tests/test_decode.py``).
+
+It reads and writes the pre-allocated cache of ``aft.generation`` and is used only where ``supports`` says
+so: a ``LlamaForCausalLM`` on a CPU, without attention dropout or biases, SiLU, one tensor-parallel slice.
+Everything else (other architectures, LoRA-wrapped models, GPUs) decodes through the model's forward.
+In bfloat16 the stacked, packed weights are a second copy of the model's layers, made once per model and
+state of its weights.
+"""
+
+from __future__ import annotations
+
+import weakref
+
+import torch
+import torch.nn.functional as F
+
+_steps: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def projection(*weights: torch.Tensor):
+    """``x -> x @ w.T`` for each weight (a tuple when there are several).
+
+    In bfloat16 / float16 on oneDNN the weights are stacked into one product and packed once (a copy); in
+    float32, or where packing is not available or not the product ``torch.nn.Linear`` computes, each weight
+    is its own ``linear``, as in the model (a stacked float32 product can round differently on small shapes)."""
+    sizes = [w.shape[0] for w in weights]
+    if weights[0].dtype in (torch.bfloat16, torch.float16) and torch.backends.mkldnn.is_available():
+        stacked = torch.cat(weights)
+        try:
+            packed = torch.ops.mkldnn._reorder_linear_weight(stacked, 64)  # a row-count hint: any count works
+            product = lambda x: torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")  # noqa: E731
+            probe = torch.randn(3, stacked.shape[1], dtype=stacked.dtype)
+            if torch.equal(product(probe), F.linear(probe, stacked)):
+                return (lambda x: product(x).split(sizes, -1)) if len(weights) > 1 else product
+        except (RuntimeError, AttributeError):  # a build without these oneDNN ops
+            pass
+    if len(weights) > 1:
+        return lambda x: tuple(F.linear(x, w) for w in weights)
+    return lambda x: F.linear(x, weights[0])
+
+
+class LlamaDecodeStep:
+    """Logits of one new token per row, its keys and values written into the cache at column ``length``."""
+
+    @staticmethod
+    def supports(model) -> bool:
+        from transformers import LlamaForCausalLM
+
+        c = model.config
+        return (type(model) is LlamaForCausalLM and (not model.training or not c.attention_dropout)
+                and next(model.parameters()).device.type == "cpu"
+                and c.hidden_act == "silu" and getattr(c, "pretraining_tp", 1) == 1
+                and not getattr(c, "attention_bias", False) and not getattr(c, "mlp_bias", False))
+
+    def __init__(self, model):
+        inner, c = model.model, model.config
+        attention = inner.layers[0].self_attn
+        self.heads, self.kv_heads, self.head_dim = c.num_attention_heads, c.num_key_value_heads, attention.head_dim
+        self.scaling, self.rotary, self.embed = attention.scaling, inner.rotary_emb, inner.embed_tokens
+        self.final_norm = inner.norm
+        self.head = projection(model.get_output_embeddings().weight)
+        self.layers = []
+        for layer in inner.layers:
+            a, m = layer.self_attn, layer.mlp
+            self.layers.append((
+                layer.input_layernorm,
+                projection(a.q_proj.weight, a.k_proj.weight, a.v_proj.weight),
+                projection(a.o_proj.weight),
+                layer.post_attention_layernorm,
+                projection(m.gate_proj.weight, m.up_proj.weight),
+                projection(m.down_proj.weight)))
+
+    @torch.no_grad()
+    def __call__(self, tokens, positions, cache_layers, length: int, attend: torch.Tensor) -> torch.Tensor:
+        """``tokens`` and ``positions`` (rows,); ``attend`` (rows, length + 1) bool, the cache columns each row
+        reads (the new one included); returns (rows, vocab) logits."""
+        rows, d, half = tokens.shape[0], self.head_dim, self.head_dim // 2
+        h = self.embed(tokens)
+        cos, sin = self.rotary(h, positions[:, None])  # (rows, 1, d): broadcast over the heads
+        mask = attend[:, None, None, :]
+        for (norm1, qkv, out, norm2, gate_up, down), layer in zip(self.layers, cache_layers):
+            q, k, v = qkv(norm1(h))
+            q, k = q.view(rows, self.heads, d), k.view(rows, self.kv_heads, d)
+            q = q * cos + torch.cat((-q[..., half:], q[..., :half]), -1) * sin
+            k = k * cos + torch.cat((-k[..., half:], k[..., :half]), -1) * sin
+            layer.key_buffer[:, :, length] = k
+            layer.value_buffer[:, :, length] = v.view(rows, self.kv_heads, d)
+            layer.length = length + 1
+            layer._views()
+            # the query heads that share a key/value head become its query rows: no copy of the cache
+            o = F.scaled_dot_product_attention(q.view(rows, self.kv_heads, -1, d), layer.keys, layer.values,
+                                               attn_mask=mask, scale=self.scaling)
+            h = h + out(o.reshape(rows, self.heads * d))
+            gate, up = gate_up(norm2(h))
+            h = h + down(F.silu(gate) * up)
+        return self.head(self.final_norm(h))
+
+
+def decode_step(model) -> LlamaDecodeStep | None:
+    """The model's ``LlamaDecodeStep``, made once per model and state of its weights; None where unsupported."""
+    if not LlamaDecodeStep.supports(model):
+        return None
+    stamp = tuple((p.data_ptr(), p._version) for p in model.parameters())  # changed weights: made again
+    found = _steps.get(model)
+    if found is None or found[0] != stamp:
+        found = _steps[model] = (stamp, LlamaDecodeStep(model))
+    return found[1]
