@@ -54,9 +54,9 @@ def early_eos(tokenizer, lively):
 
 def test_greedy_equals_transformers_generate_in_float32(lively, early_eos, monkeypatch):
     dropped = []
-    select = generation._PreallocatedLayer.batch_select_indices
-    monkeypatch.setattr(generation._PreallocatedLayer, "batch_select_indices",
-                        lambda self, i: dropped.append(len(i)) or select(self, i))
+    compact = generation._PreallocatedLayer.compact
+    monkeypatch.setattr(generation._PreallocatedLayer, "compact",
+                        lambda self, holes, movers, rows: dropped.append(rows) or compact(self, holes, movers, rows))
     _, plain = plain_generate(lively, early_eos, PROMPTS, max_new_tokens=12)
     fast = [t[0] for t in generate(lively, early_eos, PROMPTS, max_new_tokens=12, stops=())]
     assert fast == plain
@@ -85,6 +85,20 @@ def test_prompts_are_prefilled_in_groups_of_similar_length(lively, tokenizer, mo
     n_layers = lively.config.num_hidden_layers
     assert written[::n_layers] == [(len(g), max(lengths[i] for i in g)) for g in groups]  # each padded to its own
     assert grouped == generate(lively, tokenizer, PROMPTS, group_prefill=False, **args)
+
+
+def test_dropping_finished_rows_moves_only_the_live_rows_at_the_back():
+    finished = torch.tensor([False, True, False, True, False, False])
+    order, holes, movers = generation.compaction(finished)
+    # 4 rows stay: the finished rows 1 and 3 among the first 4 take the live rows 4 and 5
+    assert holes.tolist() == [1, 3] and movers.tolist() == [4, 5] and order.tolist() == [0, 4, 2, 5]
+    layer = generation._PreallocatedLayer(capacity=5)
+    keys = torch.arange(6.0)[:, None, None, None].expand(6, 2, 3, 4).clone()  # row r holds r
+    layer.update(keys, -keys)
+    before = layer.key_buffer.clone()
+    layer.compact(holes, movers, len(order))
+    assert torch.equal(layer.keys, before[order, :, :3]) and torch.equal(layer.values, -before[order, :, :3])
+    assert layer.get_seq_length() == 3 and layer.key_buffer.shape[0] == 4
 
 
 def test_stop_string_ends_a_row_as_truncation_would(lively, tokenizer):

@@ -174,6 +174,27 @@ class _PreallocatedLayer(DynamicLayer):
         self.key_buffer, self.value_buffer = self.key_buffer[indices], self.value_buffer[indices]
         self._views()
 
+    def compact(self, holes, movers, rows: int) -> None:
+        """Keep the first ``rows`` rows, after copying rows ``movers`` into rows ``holes`` (the columns written so
+        far only): dropping finished rows copies just the live rows that move, not the whole cache."""
+        for buffer in (self.key_buffer, self.value_buffer):
+            written = buffer[:, :, :self.length]
+            written[holes] = written[movers]
+        self.key_buffer, self.value_buffer = self.key_buffer[:rows], self.value_buffer[:rows]
+        self._views()
+
+
+def compaction(finished: torch.Tensor):
+    """How to drop the finished rows of a batch: (order, holes, movers). The live rows past the first
+    ``live`` rows move into the places of the finished rows among them (``holes``), so row i of the batch
+    after dropping is row ``order[i]`` of the batch before."""
+    live = int((~finished).sum())
+    holes = finished[:live].nonzero()[:, 0]
+    movers = (~finished[live:]).nonzero()[:, 0] + live
+    order = torch.arange(live, device=finished.device)
+    order[holes] = movers
+    return order, holes, movers
+
 
 def _new_cache(model, capacity: int, preallocate: bool = True):
     cache = DynamicCache(config=model.config)
@@ -304,7 +325,8 @@ def generate(model, tokenizer, prompts, k: int = 1, temperature: float = 0.0, to
     positions = (mask[:, :width].cumsum(-1) - 1).clamp(min=0)
     cache = _new_cache(model, width + max_new_tokens, preallocate)
     logits = _prefill(model, input_ids, mask[:, :width], positions, cache, [len(x) for x in ids], group_prefill)
-    fused = decode_step(model) if fused_step and all(isinstance(x, _PreallocatedLayer) for x in cache.layers) else None
+    preallocated = all(isinstance(layer, _PreallocatedLayer) for layer in cache.layers)
+    fused = decode_step(model) if fused_step and preallocated else None
     if k > 1:  # one prefill per prompt, its cache copied to the k rows
         cache.batch_repeat_interleave(k)
         logits, mask = logits.repeat_interleave(k, 0), mask.repeat_interleave(k, 0)
@@ -326,8 +348,13 @@ def generate(model, tokenizer, prompts, k: int = 1, temperature: float = 0.0, to
         if bool(finished.all()) or step == max_new_tokens - 1:
             break
         if drop_finished and int(finished.sum()) * 8 >= len(rows):
-            keep = (~finished).nonzero()[:, 0]
-            cache.batch_select_indices(keep)
+            if preallocated:  # only the live rows at the back move
+                keep, holes, movers = compaction(finished)
+                for layer in cache.layers:
+                    layer.compact(holes, movers, len(keep))
+            else:
+                keep = (~finished).nonzero()[:, 0]
+                cache.batch_select_indices(keep)
             rows, mask, position, nxt, finished = rows[keep], mask[keep], position[keep], nxt[keep], finished[keep]
             generators = [generators[i] for i in keep.tolist()] if generators else []
         mask[:, width + step] = 1
