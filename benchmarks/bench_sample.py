@@ -192,17 +192,32 @@ def timed_once(fn):
     return time.perf_counter() - start
 
 
-def decode_step_share(model, rows, kv_length, rate):
+def decode_step_share(model, rows, kv_length, rate, fused=True):
     """Model FLOPs of one decode step of ``rows`` sequences at ``kv_length`` over its time, as a share of
-    the machine's matrix-product ``rate`` (GFLOP/s): (GFLOP/s reached, share)."""
+    the machine's matrix-product ``rate`` (GFLOP/s): (GFLOP/s reached, share). The step is the one
+    ``generate`` runs (``fused``: ``aft.decode`` where the model is a Llama; else the model's forward), on
+    left-padded rows (every other row 10 tokens shorter), so the attention takes a padding mask as in use."""
+    from aft.decode import decode_step
     from aft.generation import _new_cache
 
     c = model.config
     with torch.no_grad():
         cache = _new_cache(model, kv_length + 8)
         ids = torch.randint(100, 1000, (rows, kv_length))
-        model(input_ids=ids, cache=cache, use_cache=True, logits_to_keep=1)
-        step = lambda: model(input_ids=ids[:, :1], cache=cache, use_cache=True)  # noqa: E731
+        mask = torch.ones(rows, kv_length + 1, dtype=torch.long)
+        mask[::2, :10] = 0
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        model(input_ids=ids, attention_mask=mask[:, :-1], position_ids=positions[:, :-1], cache=cache,
+              use_cache=True, logits_to_keep=1)
+        fast = decode_step(model) if fused else None
+
+        def step():
+            for layer in cache.layers:  # the same column again at every call
+                layer.length = kv_length
+            if fast is not None:
+                return fast(ids[:, 0], positions[:, -1], cache.layers, kv_length, mask.bool())
+            return model(input_ids=ids[:, :1], attention_mask=mask, position_ids=positions[:, -1:], cache=cache,
+                         use_cache=True)
         step()
         seconds = min(timed_once(step) for _ in range(3))
     weights = sum(p.numel() for n, p in model.named_parameters() if "embed" not in n and p.dim() == 2)
@@ -263,12 +278,14 @@ def real_model(a):
     rows = {
         "today: HF generate, fp32, 16 questions x k per call": lambda: run(today_generate_batch, fp32, fixed),
         "HF generate, bf16 weights": lambda: run(today_generate_batch, bf16, fixed),
-        "fast path, fp32, same batches": lambda: run(generate, fp32, fixed),
+        "fast path, fp32, same batches": lambda: run(generate, fp32, fixed, fused_step=False),
         "fast path, bf16, same batches, cache grown by concatenation, finished rows kept":
             lambda: run(generate, bf16, fixed, preallocate=False, drop_finished=False),
-        "+ pre-allocated KV cache": lambda: run(generate, bf16, fixed, drop_finished=False, group_prefill=False),
-        "+ finished rows dropped": lambda: run(generate, bf16, fixed, group_prefill=False),
-        "+ prompts prefilled in groups of similar length": lambda: run(generate, bf16, fixed),
+        "+ pre-allocated KV cache":
+            lambda: run(generate, bf16, fixed, drop_finished=False, group_prefill=False, fused_step=False),
+        "+ finished rows dropped": lambda: run(generate, bf16, fixed, group_prefill=False, fused_step=False),
+        "+ prompts prefilled in groups of similar length": lambda: run(generate, bf16, fixed, fused_step=False),
+        "+ fused decode step (stacked, packed products)": lambda: run(generate, bf16, fixed),
         "+ batches by tokens (the default): sampling": lambda: run(generate, bf16, by_tokens),
         "+ batches by tokens (the default): greedy": lambda: run(generate, bf16, by_tokens, temperature=0.0),
     }
@@ -319,22 +336,32 @@ def real_model(a):
     eval_prompts = [eval_task.format_prompt(e) for e in eval_examples]
     eval_batches = plan_batches(tok, eval_prompts, 0, 1, a.new_tokens, 65536)
     eval_split = {"questions": len(eval_prompts), "prompt_tokens": sum(len(tok(p)["input_ids"]) for p in eval_prompts)}
-    for grouped in (False, True):
-        def greedy(new_tokens):
-            return [o for b in eval_batches for o in generate(bf16, tok, [eval_prompts[i] for i in b], 1,
-                                                              max_new_tokens=new_tokens, group_prefill=grouped)]
+    def eval_greedy(new_tokens, **kw):
+        return [o for b in eval_batches for o in generate(bf16, tok, [eval_prompts[i] for i in b], 1,
+                                                          max_new_tokens=new_tokens, **kw)]
+    for name, kw in (("one_prefill", dict(group_prefill=False, fused_step=False)),
+                     ("prefill_in_groups", dict(fused_step=False)), ("default", {})):
         answers = []
-        prefill_s = timed_once(lambda: greedy(1))
-        greedy_s = timed_once(lambda: answers.extend(greedy(a.new_tokens)))
-        name = "prefill_in_groups" if grouped else "one_prefill"
+        prefill_s = timed_once(lambda: eval_greedy(1, **kw))
+        greedy_s = timed_once(lambda: answers.extend(eval_greedy(a.new_tokens, **kw)))
         eval_split[name] = {"generated_tokens": count(answers), "prefill_s": prefill_s, "greedy_s": greedy_s}
         print(f"`aft eval`'s generation in process, bf16, {name}: {greedy_s:.1f} s for {count(answers)} tokens, "
               f"of which prefill of {eval_split['prompt_tokens']} prompt tokens {prefill_s:.1f} s", flush=True)
+    # `aft eval` before issue 18: transformers' generate, fp32, greedy, batches of 32 questions
+    old = plan_batches(tok, eval_prompts, 32)
+    answers = []
+    today_s = timed_once(lambda: answers.extend(
+        t for b in old for t in today_generate_batch(fp32, tok, [eval_prompts[i] for i in b], 1, 0.0, 1.0,
+                                                     a.new_tokens, 0)))
+    eval_split["today"] = {"generated_tokens": count(answers), "greedy_s": today_s}
+    print(f"`aft eval`'s generation in process, today's path (HF generate, fp32, 32 questions per call): "
+          f"{today_s:.1f} s for {count(answers)} tokens", flush=True)
 
     rates = {"float32": machine_rate(torch.float32), "bfloat16": machine_rate(torch.bfloat16)}
     step_rows = 256  # the rows of the `aft sample` run's batch (64 questions x k 4)
     share = {dtype: decode_step_share(model, step_rows, 100, rates[dtype])
              for dtype, model in (("float32", fp32), ("bfloat16", bf16))}
+    share["bfloat16, the model's forward"] = decode_step_share(bf16, step_rows, 100, rates["bfloat16"], fused=False)
     today = results["today: HF generate, fp32, 16 questions x k per call"]["tokens_per_s"]
     table = [[name, f"{r['s']:.1f}", r["tokens"], f"{r['tokens_per_s']:.0f}", f"{r['tokens_per_s'] / today:.2f}"]
              for name, r in results.items()]
@@ -354,9 +381,11 @@ def real_model(a):
         "aft_eval_in_process": eval_split,
     }
     for line in (f"matrix products: fp32 {rates['float32']:.0f} GFLOP/s, bf16 {rates['bfloat16']:.0f} GFLOP/s",
-                 *(f"decode step, {step_rows} rows, {d}: {g:.0f} GFLOP/s = {s:.0%} of the {d} rate"
-                   for d, (g, s) in share.items()),
+                 *(f"decode step, {step_rows} rows, {d}: {g:.0f} GFLOP/s = {s:.0%} of the "
+                   f"{d.split(',')[0]} rate" for d, (g, s) in share.items()),
                  f"sampling costs {greedy / sampling:.2f}x greedy per token",
+                 f"`aft eval`'s generation in process: today's path {eval_split['today']['greedy_s']:.1f} s, the default "
+                 f"{eval_split['default']['greedy_s']:.1f} s ({eval_split['today']['greedy_s'] / eval_split['default']['greedy_s']:.2f}x)",
                  f"bf16 greedy = fp32 greedy on {agreement:.0%} of {len(prompts)} questions",
                  f"fast (default batches, sampling) / llama.cpp batched: "
                  f"{sampling / llama:.2f}x" if llama else "llama.cpp: not run"):

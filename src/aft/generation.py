@@ -9,8 +9,11 @@ One call of ``generate`` decodes k completions for each of its prompts, all in o
 - prompts of very different lengths are prefilled in groups of similar length (``prefill_groups``), each
   padded only to its own longest, and written into that one cache: left padding to the batch's longest
   prompt had doubled the prefill of a one-batch ``aft eval`` (49% of its padded tokens were prompt);
+- on a CPU, a Llama-architecture model decodes through ``aft.decode`` (stacked and packed products around
+  the model's own arithmetic: the same logits in float32);
 - a row that has emitted EOS (or the stop text of a base model, "\\nQuestion:") is finished; finished rows
-  are dropped from the batch, cache included, once they are an eighth of it, so their compute stops;
+  are dropped from the batch, cache included, once they are an eighth of it, so their compute stops (the
+  live rows at the back move into their places: only those are copied);
 - sampling is the Gumbel-max form on the logits, argmax(logits / T + G) with G standard Gumbel noise: one
   pass, no softmax. The noise of a row at a position comes from its own generator, seeded by (seed, prompt,
   candidate), so a completion does not depend on what else is in the batch: batches can be cut, dropped or
