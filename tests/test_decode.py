@@ -101,6 +101,16 @@ def test_used_only_where_it_applies(gqa_model):
     assert decode_step(copy.deepcopy(gqa_model).train()) is not None  # no dropout: training mode is the same
 
 
+def test_no_packed_copy_where_memory_is_short(gqa_model, monkeypatch):
+    import psutil
+
+    bf16 = copy.deepcopy(gqa_model).to(torch.bfloat16)
+    size = sum(p.numel() * p.element_size() for p in bf16.parameters())
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: type("Memory", (), {"available": 3 * size})())
+    assert decode_step(bf16) is None  # the copy would take a third of what is left
+    assert decode_step(gqa_model) is not None  # float32: no copy is made
+
+
 def test_generate_gives_the_same_samples_with_and_without_the_fused_step(gqa_model, tokenizer):
     args = dict(k=3, temperature=1.0, max_new_tokens=10, seed=4, stops=())
     fused = generate(gqa_model, tokenizer, PROMPTS, **args)

@@ -18,7 +18,7 @@ It reads and writes the pre-allocated cache of ``aft.generation`` and is used on
 so: a ``LlamaForCausalLM`` on a CPU, without attention dropout or biases, SiLU, one tensor-parallel slice.
 Everything else (other architectures, LoRA-wrapped models, GPUs) decodes through the model's forward.
 In bfloat16 the stacked, packed weights are a second copy of the model's layers, made once per model and
-state of its weights.
+state of its weights, and only where it takes less than a quarter of the memory available.
 """
 
 from __future__ import annotations
@@ -110,9 +110,20 @@ class LlamaDecodeStep:
         return self.head(self.final_norm(h))
 
 
+def _room_for_packed_copy(model) -> bool:
+    """In bfloat16 / float16 the step holds a packed copy of the layers: made only where it takes less than a
+    quarter of the memory available (a CPU user's 7B model is not doubled into swap)."""
+    import psutil  # accelerate's dependency
+
+    if next(model.parameters()).dtype == torch.float32:  # no copy: the layers' own weights
+        return True
+    size = sum(p.numel() * p.element_size() for p in model.parameters())
+    return size < psutil.virtual_memory().available / 4
+
+
 def decode_step(model) -> LlamaDecodeStep | None:
     """The model's ``LlamaDecodeStep``, made once per model and state of its weights; None where unsupported."""
-    if not LlamaDecodeStep.supports(model):
+    if not LlamaDecodeStep.supports(model) or not _room_for_packed_copy(model):
         return None
     stamp = tuple((p.data_ptr(), p._version) for p in model.parameters())  # changed weights: made again
     found = _steps.get(model)
