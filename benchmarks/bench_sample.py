@@ -215,7 +215,7 @@ def decode_step_share(model, rows, kv_length, rate, fused=True):
             for layer in cache.layers:  # the same column again at every call
                 layer.length = kv_length
             if fast is not None:
-                return fast(ids[:, 0], positions[:, -1], cache.layers, kv_length, mask.bool())
+                return fast(ids[:, 0], positions[:, -1], cache.layers, mask.bool())
             return model(input_ids=ids[:, :1], attention_mask=mask, position_ids=positions[:, -1:], cache=cache,
                          use_cache=True)
         step()

@@ -44,7 +44,7 @@ def both_steps(model, tokenizer, extra=4):
         mask[:, width] = 1
         expected = model(input_ids=tokens[:, None], attention_mask=mask[:, :width + 1], position_ids=position[:, None],
                          cache=theirs, use_cache=True).logits[:, -1]
-    got = decode_step(model)(tokens, position, cache.layers, width, mask[:, :width + 1].bool())
+    got = decode_step(model)(tokens, position, cache.layers, mask[:, :width + 1].bool())
     return got, expected, cache, theirs, width
 
 

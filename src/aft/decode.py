@@ -54,7 +54,7 @@ def projection(*weights: torch.Tensor):
 
 
 class LlamaDecodeStep:
-    """Logits of one new token per row, its keys and values written into the cache at column ``length``."""
+    """Logits of one new token per row, its keys and values written into the cache."""
 
     @staticmethod
     def supports(model) -> bool:
@@ -85,9 +85,10 @@ class LlamaDecodeStep:
                 projection(m.down_proj.weight)))
 
     @torch.no_grad()
-    def __call__(self, tokens, positions, cache_layers, length: int, attend: torch.Tensor) -> torch.Tensor:
-        """``tokens`` and ``positions`` (rows,); ``attend`` (rows, length + 1) bool, the cache columns each row
-        reads (the new one included); returns (rows, vocab) logits."""
+    def __call__(self, tokens, positions, cache_layers, attend: torch.Tensor) -> torch.Tensor:
+        """``tokens`` and ``positions`` (rows,); ``cache_layers`` pre-allocated (``aft.generation``), the new
+        keys and values written at their next column; ``attend`` (rows, columns + 1) bool, the cache columns
+        each row reads, the new one included. Returns (rows, vocab) logits."""
         rows, d, half = tokens.shape[0], self.head_dim, self.head_dim // 2
         h = self.embed(tokens)
         cos, sin = self.rotary(h, positions[:, None])  # (rows, 1, d): broadcast over the heads
@@ -97,13 +98,10 @@ class LlamaDecodeStep:
             q, k = q.view(rows, self.heads, d), k.view(rows, self.kv_heads, d)
             q = q * cos + torch.cat((-q[..., half:], q[..., :half]), -1) * sin
             k = k * cos + torch.cat((-k[..., half:], k[..., :half]), -1) * sin
-            layer.key_buffer[:, :, length] = k
-            layer.value_buffer[:, :, length] = v.view(rows, self.kv_heads, d)
-            layer.length = length + 1
-            layer._views()
+            keys, values = layer.update(k[:, :, None], v.view(rows, self.kv_heads, 1, d))  # written in place
             # the query heads that share a key/value head become its query rows: no copy of the cache
-            o = F.scaled_dot_product_attention(q.view(rows, self.kv_heads, -1, d), layer.keys, layer.values,
-                                               attn_mask=mask, scale=self.scaling)
+            o = F.scaled_dot_product_attention(q.view(rows, self.kv_heads, -1, d), keys, values, attn_mask=mask,
+                                               scale=self.scaling)
             h = h + out(o.reshape(rows, self.heads * d))
             gate, up = gate_up(norm2(h))
             h = h + down(F.silu(gate) * up)

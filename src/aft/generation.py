@@ -218,10 +218,11 @@ def prefill_groups(lengths: list[int], slack: float = 1.5) -> list[list[int]]:
 
 
 def _prefill(model, input_ids, mask, positions, cache, lengths, grouped: bool):
-    """The last position's logits of every prompt, its keys and values written into ``cache``."""
+    """The last position's logits of every prompt, its keys and values written into ``cache`` (``grouped``:
+    in groups of similar length, which needs the pre-allocated cache)."""
     width = input_ids.shape[1]
     groups = prefill_groups(lengths) if grouped else [list(range(len(lengths)))]
-    if len(groups) == 1 or not all(isinstance(layer, _PreallocatedLayer) for layer in cache.layers):
+    if len(groups) == 1:
         return model(input_ids=input_ids, attention_mask=mask, position_ids=positions, cache=cache,
                      use_cache=True, logits_to_keep=1).logits[:, -1]
     logits = None
@@ -327,8 +328,9 @@ def generate(model, tokenizer, prompts, k: int = 1, temperature: float = 0.0, to
     input_ids = torch.tensor([[pad] * (width - len(x)) + x for x in ids], device=device)
     positions = (mask[:, :width].cumsum(-1) - 1).clamp(min=0)
     cache = _new_cache(model, width + max_new_tokens, preallocate)
-    logits = _prefill(model, input_ids, mask[:, :width], positions, cache, [len(x) for x in ids], group_prefill)
     preallocated = all(isinstance(layer, _PreallocatedLayer) for layer in cache.layers)
+    logits = _prefill(model, input_ids, mask[:, :width], positions, cache, [len(x) for x in ids],
+                      group_prefill and preallocated)
     fused = decode_step(model) if fused_step and preallocated else None
     if k > 1:  # one prefill per prompt, its cache copied to the k rows
         cache.batch_repeat_interleave(k)
@@ -362,7 +364,7 @@ def generate(model, tokenizer, prompts, k: int = 1, temperature: float = 0.0, to
             generators = [generators[i] for i in keep.tolist()] if generators else []
         mask[:, width + step] = 1
         if fused is not None:
-            logits = fused(nxt, position, cache.layers, width + step, mask[:, :width + step + 1].bool())
+            logits = fused(nxt, position, cache.layers, mask[:, :width + step + 1].bool())
         else:
             logits = model(input_ids=nxt[:, None], attention_mask=mask[:, :width + step + 1],
                            position_ids=position[:, None], cache=cache, use_cache=True).logits[:, -1]
