@@ -121,10 +121,12 @@ def _room_for_packed_copy(model) -> bool:
 
 def decode_step(model) -> LlamaDecodeStep | None:
     """The model's ``LlamaDecodeStep``, made once per model and state of its weights; None where unsupported."""
-    if not LlamaDecodeStep.supports(model) or not _room_for_packed_copy(model):
+    if not LlamaDecodeStep.supports(model):
         return None
     stamp = tuple((p.data_ptr(), p._version) for p in model.parameters())  # changed weights: made again
     found = _steps.get(model)
     if found is None or found[0] != stamp:
+        if not _room_for_packed_copy(model):  # asked only when a copy would be made
+            return None
         found = _steps[model] = (stamp, LlamaDecodeStep(model))
     return found[1]

@@ -157,7 +157,7 @@ class _PreallocatedLayer(DynamicLayer):
         """Put one prefill group's keys and values (rows ``rows``, left-padded to their own width) at the
         columns ending at ``end``; the columns before stay zero, masked out (never uninitialised memory)."""
         if not self.is_initialized:
-            b, h, _, d = keys.shape
+            _, h, _, d = keys.shape
             self.key_buffer = keys.new_empty(rows_total, h, self.capacity, d)
             self.value_buffer = values.new_empty(rows_total, h, self.capacity, d)
             self.key_buffer[:, :, :end] = 0
