@@ -70,6 +70,26 @@ def test_greedy_equals_transformers_generate_in_float32(lively, early_eos, monke
                                        group_prefill=grouped)] == plain
 
 
+@pytest.mark.parametrize("fused_step", [True, False])
+def test_waiting_prompts_take_finished_rows_places_without_changing_outputs(lively, early_eos, fused_step,
+                                                                            monkeypatch):
+    """With room for 2 rows, the 6 prompts decode 2 at a time, each joining as a row finishes (its prompt
+    written beside rows far ahead of it): transformers' greedy outputs, and the samples of one batch."""
+    capacity = max(len(early_eos(p)["input_ids"]) for p in PROMPTS) + 12
+    batches = []
+    prefill = generation._prefill
+    monkeypatch.setattr(generation, "_prefill", lambda model, ids, *a: batches.append(len(ids)) or prefill(model, ids, *a))
+    _, plain = plain_generate(lively, early_eos, PROMPTS, max_new_tokens=12)
+    done = []
+    fast = generate(lively, early_eos, PROMPTS, max_new_tokens=12, stops=(), batch_tokens=2 * capacity,
+                    fused_step=fused_step, progress=done.append)
+    assert [t[0] for t in fast] == plain and len(done) == len(PROMPTS)
+    assert batches[0] == 2 and sum(batches) == len(PROMPTS) and len(batches) > 2  # joined a few at a time
+    args = dict(k=3, temperature=1.0, max_new_tokens=10, seed=5, fused_step=fused_step)
+    assert generate(lively, early_eos, PROMPTS, batch_tokens=7 * capacity, **args) == generate(
+        lively, early_eos, PROMPTS, **args)  # 6 rows: 2 prompts at a time
+
+
 def test_prompts_are_prefilled_in_groups_of_similar_length(lively, tokenizer, monkeypatch):
     lengths = [len(tokenizer(p)["input_ids"]) for p in PROMPTS]
     groups = generation.prefill_groups(lengths)
@@ -83,7 +103,7 @@ def test_prompts_are_prefilled_in_groups_of_similar_length(lively, tokenizer, mo
     args = dict(k=3, temperature=1.0, max_new_tokens=10, seed=5)
     grouped = generate(lively, tokenizer, PROMPTS, **args)
     n_layers = lively.config.num_hidden_layers
-    assert written[::n_layers] == [(len(g), max(lengths[i] for i in g)) for g in groups]  # each padded to its own
+    assert written[::n_layers] == [(3 * len(g), max(lengths[i] for i in g)) for g in groups]  # each padded to its own
     assert grouped == generate(lively, tokenizer, PROMPTS, group_prefill=False, **args)
 
 
@@ -98,7 +118,7 @@ def test_dropping_finished_rows_moves_only_the_live_rows_at_the_back():
     before = layer.key_buffer.clone()
     layer.compact(holes, movers, len(order))
     assert torch.equal(layer.keys, before[order, :, :3]) and torch.equal(layer.values, -before[order, :, :3])
-    assert layer.get_seq_length() == 3 and layer.key_buffer.shape[0] == 4
+    assert layer.get_seq_length() == 3 and layer.keys.shape[0] == 4
 
 
 def test_stop_string_ends_a_row_as_truncation_would(lively, tokenizer):

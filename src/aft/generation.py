@@ -14,6 +14,10 @@ One call of ``generate`` decodes k completions for each of its prompts, all in o
 - a row that has emitted EOS (or the stop text of a base model, "\\nQuestion:") is finished; finished rows
   are dropped from the batch, cache included, once they are an eighth of it, so their compute stops (the
   live rows at the back move into their places: only those are copied);
+- with ``batch_tokens``, a call decodes only the rows whose cache fits in that budget; its other prompts wait
+  and are prefilled into the places of dropped rows, each row writing at its own cache column, so the batch
+  stays full until the call's last prompts (``aft sample`` and ``aft eval`` give a call ``CALL_BATCHES``
+  batches' worth of prompts);
 - sampling is the Gumbel-max form on the logits, argmax(logits / T + G) with G standard Gumbel noise: one
   pass, no softmax. The noise of a row at a position comes from its own generator, seeded by (seed, prompt,
   candidate), so a completion does not depend on what else is in the batch: batches can be cut, dropped or
@@ -53,8 +57,9 @@ class GenerationFields:
         "help": "dtype to generate in: auto (bfloat16 where this machine multiplies it 1.5x faster, else "
                 "float32), float32 or bfloat16. Samples depend on it: set it for the same file on other machines."})
     batch_tokens: int = field(default=65536, metadata={
-        "help": "Most tokens of KV cache per batch: questions x k x (prompt + max_new_tokens); lower it for "
-                "large models. 0: no limit (then --batch_size sets the batches)."})
+        "help": "Most tokens of KV cache decoded at once: rows (questions x k) x (longest prompt + "
+                "max_new_tokens); waiting questions take finished rows' places. Lower it for large models. "
+                "0: no limit (then --batch_size sets the batches)."})
 
 
 def truncate_at_stop(text: str, stops=STOPS) -> str:
@@ -123,59 +128,73 @@ def plan_batches(tokenizer, prompts: list[str], batch_size: int = 0, k: int = 1,
     return batches + [current] if current else batches
 
 
-class _PreallocatedLayer(DynamicLayer):
-    """One layer's keys and values in buffers sized for the whole generation, written in place."""
+# A generate call of ``aft sample`` / ``aft eval`` holds up to this many batches' worth of prompts (by
+# --batch_tokens): the rows decoded at once stay a batch, and the call's waiting prompts take finished rows'
+# places, so the batch shrinks only at the call's end. A call is also the unit a resumed run redoes whole (in
+# bf16 a completion depends, by rounding, on the rows beside it).
+CALL_BATCHES = 8
 
-    def __init__(self, capacity: int):
+
+def plan_calls(tokenizer, prompts: list[str], batch_size: int = 0, k: int = 1, max_new_tokens: int = 256,
+               batch_tokens: int = 0) -> list[list[int]]:
+    """Question indices of each ``generate`` call: ``plan_batches`` of ``CALL_BATCHES`` times ``batch_tokens``
+    (``generate`` is then given ``batch_tokens`` itself)."""
+    return plan_batches(tokenizer, prompts, batch_size, k, max_new_tokens, batch_tokens * CALL_BATCHES)
+
+
+class _PreallocatedLayer(DynamicLayer):
+    """One layer's keys and values in buffers sized for the whole generation, written in place.
+
+    The buffers hold a pool of rows, of which the first ``rows`` are the batch. A row's prompt ends at the
+    column its prefill wrote it to, and each row writes its next token at its own column (``columns``, set by
+    ``generate`` before a decode step): a row that joins the batch late decodes beside rows that are far
+    ahead of it. Without ``columns`` every row writes at ``length``, as transformers' cache does (a forward
+    pass of the model on a fresh cache, the tests' reference). Reads cover the columns up to ``length``; the
+    columns a row has not written are masked out and hold zeros or an earlier row's finite values."""
+
+    def __init__(self, capacity: int, pool: int = 0):
         super().__init__()
-        self.capacity, self.length = capacity, 0
+        self.capacity, self.pool, self.length, self.rows, self.columns = capacity, pool, 0, 0, None
+
+    def _allocate(self, like: torch.Tensor, rows: int) -> None:
+        _, h, _, d = like.shape  # zeros, not uninitialised memory: a masked column is read (times 0)
+        self.key_buffer = like.new_zeros(max(rows, self.pool), h, self.capacity, d)
+        self.value_buffer = like.new_zeros(max(rows, self.pool), h, self.capacity, d)
+        self.device, self.is_initialized = like.device, True
 
     def lazy_initialization(self, key_states, value_states):
-        b, h, _, _ = key_states.shape
-        self.key_buffer = key_states.new_empty(b, h, self.capacity, key_states.shape[-1])
-        self.value_buffer = value_states.new_empty(b, h, self.capacity, value_states.shape[-1])
-        self.device, self.is_initialized = key_states.device, True
+        self._allocate(key_states, key_states.shape[0])
+        self.rows = key_states.shape[0]
 
     def update(self, key_states, value_states, *args, **kwargs):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-        end = self.length + key_states.shape[-2]
-        self.key_buffer[:, :, self.length:end] = key_states
-        self.value_buffer[:, :, self.length:end] = value_states
+        if self.columns is None:
+            end = self.length + key_states.shape[-2]
+            self.key_buffer[:self.rows, :, self.length:end] = key_states
+            self.value_buffer[:self.rows, :, self.length:end] = value_states
+        else:  # one token per row, each at its own column
+            end, every = self.length + 1, torch.arange(self.rows, device=key_states.device)
+            self.key_buffer[every, :, self.columns] = key_states[:, :, 0]
+            self.value_buffer[every, :, self.columns] = value_states[:, :, 0]
         self.length = end
         self._views()
         return self.keys, self.values
 
     def _views(self):
-        self.keys = self.key_buffer[:, :, :self.length]
-        self.values = self.value_buffer[:, :, :self.length]
+        self.keys = self.key_buffer[:self.rows, :, :self.length]
+        self.values = self.value_buffer[:self.rows, :, :self.length]
 
     def get_seq_length(self) -> int:
         return self.length
 
-    def write_rows(self, rows, keys, values, rows_total: int, end: int) -> None:
-        """Put one prefill group's keys and values (rows ``rows``, left-padded to their own width) at the
-        columns ending at ``end``; the columns before stay zero, masked out (never uninitialised memory)."""
+    def write_rows(self, rows, keys, values, end: int) -> None:
+        """Put prefilled keys and values (left-padded to their own width) into pool rows ``rows``, at the
+        columns ending at ``end``."""
         if not self.is_initialized:
-            _, h, _, d = keys.shape
-            self.key_buffer = keys.new_empty(rows_total, h, self.capacity, d)
-            self.value_buffer = values.new_empty(rows_total, h, self.capacity, d)
-            self.key_buffer[:, :, :end] = 0
-            self.value_buffer[:, :, :end] = 0
-            self.device, self.is_initialized = keys.device, True
+            self._allocate(keys, len(rows))
         self.key_buffer[rows, :, end - keys.shape[-2]:end] = keys
         self.value_buffer[rows, :, end - values.shape[-2]:end] = values
-        self.length = end
-        self._views()
-
-    def batch_repeat_interleave(self, repeats: int) -> None:
-        self.key_buffer = self.key_buffer.repeat_interleave(repeats, dim=0)
-        self.value_buffer = self.value_buffer.repeat_interleave(repeats, dim=0)
-        self._views()
-
-    def batch_select_indices(self, indices) -> None:
-        self.key_buffer, self.value_buffer = self.key_buffer[indices], self.value_buffer[indices]
-        self._views()
 
     def compact(self, holes, movers, rows: int) -> None:
         """Keep the first ``rows`` rows, after copying rows ``movers`` into rows ``holes`` (the columns written so
@@ -183,7 +202,7 @@ class _PreallocatedLayer(DynamicLayer):
         for buffer in (self.key_buffer, self.value_buffer):
             written = buffer[:, :, :self.length]
             written[holes] = written[movers]
-        self.key_buffer, self.value_buffer = self.key_buffer[:rows], self.value_buffer[:rows]
+        self.rows = rows
         self._views()
 
 
@@ -199,10 +218,10 @@ def compaction(finished: torch.Tensor):
     return order, holes, movers
 
 
-def _new_cache(model, capacity: int, preallocate: bool = True):
+def _new_cache(model, capacity: int, preallocate: bool = True, pool: int = 0):
     cache = DynamicCache(config=model.config)
     if preallocate and cache.layers and all(type(layer) is DynamicLayer for layer in cache.layers):
-        cache.layers = [_PreallocatedLayer(capacity) for _ in cache.layers]
+        cache.layers = [_PreallocatedLayer(capacity, pool) for _ in cache.layers]
     return cache
 
 
@@ -217,25 +236,40 @@ def prefill_groups(lengths: list[int], slack: float = 1.5) -> list[list[int]]:
     return groups
 
 
-def _prefill(model, input_ids, mask, positions, cache, lengths, grouped: bool):
-    """The last position's logits of every prompt, its keys and values written into ``cache`` (``grouped``:
-    in groups of similar length, which needs the pre-allocated cache)."""
-    width = input_ids.shape[1]
-    groups = prefill_groups(lengths) if grouped else [list(range(len(lengths)))]
-    if len(groups) == 1:
-        return model(input_ids=input_ids, attention_mask=mask, position_ids=positions, cache=cache,
-                     use_cache=True, logits_to_keep=1).logits[:, -1]
+def _left_padded(ids: list[list[int]], pad: int, device):
+    """(input ids, attention mask, positions) of token lists left-padded to the longest."""
+    width = max(len(x) for x in ids)
+    input_ids = torch.tensor([[pad] * (width - len(x)) + x for x in ids], device=device)
+    mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in ids], device=device)
+    return input_ids, mask, (mask.cumsum(-1) - 1).clamp(min=0)
+
+
+def _prefill(model, ids, cache, first_row: int, k: int, grouped: bool, pad: int):
+    """The last position's logits of every prompt of ``ids``, repeated for its k rows, and the column its
+    prompts end at. On the pre-allocated cache the keys and values of prompt i go to pool rows
+    first_row + i*k ... + k - 1 (``grouped``: prompts of very different lengths run in groups of similar
+    length, each padded only to its own longest); any other cache is a fresh one, filled by the model and
+    repeated k times."""
+    device, width = next(model.parameters()).device, max(len(x) for x in ids)
+    if not isinstance(cache.layers[0], _PreallocatedLayer):
+        input_ids, mask, positions = _left_padded(ids, pad, device)
+        logits = model(input_ids=input_ids, attention_mask=mask, position_ids=positions, cache=cache,
+                       use_cache=True, logits_to_keep=1).logits[:, -1]
+        if k > 1:
+            cache.batch_repeat_interleave(k)
+        return logits.repeat_interleave(k, 0), width
     logits = None
-    for group in groups:
-        rows, start = torch.tensor(group, device=input_ids.device), width - max(lengths[i] for i in group)
+    for group in prefill_groups([len(x) for x in ids]) if grouped else [list(range(len(ids)))]:
+        input_ids, mask, positions = _left_padded([ids[i] for i in group], pad, device)
         part = DynamicCache(config=model.config)
-        out = model(input_ids=input_ids[rows, start:], attention_mask=mask[rows, start:],
-                    position_ids=positions[rows, start:], cache=part, use_cache=True, logits_to_keep=1).logits[:, -1]
-        logits = out.new_empty(len(lengths), out.shape[-1]) if logits is None else logits
-        logits[rows] = out
+        out = model(input_ids=input_ids, attention_mask=mask, position_ids=positions, cache=part,
+                    use_cache=True, logits_to_keep=1).logits[:, -1]
+        logits = out.new_empty(len(ids), out.shape[-1]) if logits is None else logits
+        logits[group] = out
+        rows = (first_row + k * torch.tensor(group, device=device)[:, None] + torch.arange(k, device=device)).ravel()
         for layer, written in zip(cache.layers, part.layers):
-            layer.write_rows(rows, written.keys, written.values, len(lengths), width)
-    return logits
+            layer.write_rows(rows, written.keys.repeat_interleave(k, 0), written.values.repeat_interleave(k, 0), width)
+    return logits.repeat_interleave(k, 0), width
 
 
 def _row_generator(seed: int, prompt: str, candidate: int) -> torch.Generator:
@@ -274,7 +308,7 @@ def gumbel_max(logits: torch.Tensor, temperature: float, generators, candidates:
     g_rest = gumbel(u[:, k])
     check = (bound + g_rest >= best).nonzero()[:, 0]
     if len(check):
-        rest = (logits[check].float() / temperature).scatter(-1, index[check], float("-inf"))
+        rest = logits.index_select(0, check).float().div_(temperature).scatter_(-1, index[check], float("-inf"))
         wins = rest.logsumexp(-1).double() + g_rest[check] > best[check]
         if wins.any():
             cdf = rest[wins].softmax(-1).cumsum(-1)
@@ -295,64 +329,100 @@ def nucleus_mask(logits: torch.Tensor, top_p: float) -> torch.Tensor:
 
 def _pick(logits, temperature, top_p, generators):
     """Next token of each row: argmax (greedy), or Gumbel-max at ``temperature`` within the nucleus."""
-    if temperature <= 0:
-        return logits.argmax(-1)
+    if temperature <= 0:  # the first maximum, as argmax; max(-1) is 4x faster than argmax on bf16 (torch 2.13)
+        return logits.max(-1).indices
     if top_p < 1:
         logits = nucleus_mask(logits, top_p)
     return gumbel_max(logits, temperature, generators)
 
 
-def _stopped(tokenizer, tokens, rows, step, stops, every=8):
-    """Rows (of ``rows``) whose text so far contains a stop string; looked at every ``every`` steps."""
-    if not stops or (step + 1) % every:
+def _stopped(tokenizer, tokens, seqs, made, looking, stops, every=8, context=16) -> list[int]:
+    """Batch rows whose text so far contains a stop string. A row (of ``looking``) is looked at each time its
+    count of generated tokens ``made`` reaches a multiple of ``every``: its last every + context tokens."""
+    look = (looking & (made % every == 0)).nonzero()[:, 0] if stops else []
+    if not len(look):
         return []
-    window = tokens[rows, max(0, step + 1 - every - 16):step + 1].tolist()
-    return [r for r, text in zip(rows.tolist(), tokenizer.batch_decode(window)) if any(s in text for s in stops)]
+    start = (made[look] - every - context).clamp(min=0)
+    spans = (start[:, None] + torch.arange(every + context, device=made.device)).clamp(max=tokens.shape[1] - 1)
+    windows = tokens[seqs[look]].gather(1, spans).tolist()
+    texts = tokenizer.batch_decode([w[:m - s] for w, m, s in zip(windows, made[look].tolist(), start.tolist())])
+    return [r for r, text in zip(look.tolist(), texts) if any(s in text for s in stops)]
 
 
 @torch.no_grad()
 def generate(model, tokenizer, prompts, k: int = 1, temperature: float = 0.0, top_p: float = 1.0,
-             max_new_tokens: int = 256, seed: int = 0, stops=STOPS, preallocate: bool = True,
-             drop_finished: bool = True, group_prefill: bool = True, fused_step: bool = True) -> list[list[str]]:
+             max_new_tokens: int = 256, seed: int = 0, stops=STOPS, batch_tokens: int = 0, progress=None,
+             preallocate: bool = True, drop_finished: bool = True, group_prefill: bool = True,
+             fused_step: bool = True) -> list[list[str]]:
     """k completions for each prompt (left padding, KV cache, stop at EOS or a stop string), cut at the stop.
 
-    ``preallocate``, ``drop_finished``, ``group_prefill`` and ``fused_step`` only change speed, never the output
-    in float32 (the benchmark turns them off; grouping and the fused step need the pre-allocated cache)."""
+    ``batch_tokens`` > 0 caps the rows decoded at once to those whose KV cache fits in that many tokens
+    (rows x (longest prompt + ``max_new_tokens``)); the other prompts wait, shortest first, and take the
+    places of finished rows, so the batch stays full until the last prompts. ``progress(1)`` is called as
+    each prompt's k completions are done. ``preallocate``, ``drop_finished``, ``group_prefill`` and
+    ``fused_step`` only change speed, never the output in float32 (the benchmark turns them off; grouping,
+    the fused step and waiting prompts need the pre-allocated cache, waiting prompts also dropping)."""
     device = next(model.parameters()).device
     ids = [encode_prompt(tokenizer, p) for p in prompts]
-    width, n = max(len(x) for x in ids), len(prompts) * k
+    n, capacity = len(prompts) * k, max(len(x) for x in ids) + max_new_tokens
     pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
-    mask = torch.zeros(len(ids), width + max_new_tokens, dtype=torch.long, device=device)
-    for r, x in enumerate(ids):
-        mask[r, width - len(x):width] = 1
-    input_ids = torch.tensor([[pad] * (width - len(x)) + x for x in ids], device=device)
-    positions = (mask[:, :width].cumsum(-1) - 1).clamp(min=0)
-    cache = _new_cache(model, width + max_new_tokens, preallocate)
-    preallocated = all(isinstance(layer, _PreallocatedLayer) for layer in cache.layers)
-    logits = _prefill(model, input_ids, mask[:, :width], positions, cache, [len(x) for x in ids],
-                      group_prefill and preallocated)
+    cache = _new_cache(model, capacity, preallocate)
+    preallocated = isinstance(cache.layers[0], _PreallocatedLayer)
+    pool = n  # rows decoded at once
+    if batch_tokens and preallocated and drop_finished:
+        pool = min(n, max(1, batch_tokens // capacity // k) * k)
+    for layer in cache.layers if preallocated else ():
+        layer.pool = pool
     fused = decode_step(model) if fused_step and preallocated else None
-    if k > 1:  # one prefill per prompt, its cache copied to the k rows
-        cache.batch_repeat_interleave(k)
-        logits, mask = logits.repeat_interleave(k, 0), mask.repeat_interleave(k, 0)
-    position = mask.sum(-1)                                  # of the next token, per row
-    rows = torch.arange(n, device=device)                   # original row of each batch row
+    waiting = sorted(range(len(prompts)), key=lambda i: (len(ids[i]), i))
+    left = [k] * len(prompts)                                # rows of a prompt still generating
     tokens = torch.full((n, max_new_tokens), pad, dtype=torch.long, device=device)
-    length = torch.full((n,), max_new_tokens, dtype=torch.long)  # generated tokens kept per row
-    finished = torch.zeros(n, dtype=torch.bool, device=device)
-    generators = [_row_generator(seed, prompts[r // k], r % k) for r in range(n)] if temperature > 0 else []
-    for step in range(max_new_tokens):
+    length = torch.full((n,), max_new_tokens, dtype=torch.long, device=device)  # generated tokens kept
+    attend = torch.zeros(pool, capacity, dtype=torch.bool, device=device)   # the cache columns a row reads
+    # per batch row: its sequence (prompt * k + candidate), tokens made, next column and position, finished
+    seq, made, column, position = (torch.zeros(0, dtype=torch.long, device=device) for _ in range(4))
+    finished, generators = torch.zeros(0, dtype=torch.bool, device=device), []
+
+    def admit(count):
+        """The next ``count`` waiting prompts join the batch at its end, prefilled: their rows' logits."""
+        nonlocal seq, made, column, position, finished
+        chosen, first = waiting[:count], len(seq)
+        del waiting[:count]
+        logits, end = _prefill(model, [ids[i] for i in chosen], cache, first, k, group_prefill and preallocated, pad)
+        attend[first:first + len(chosen) * k] = False
+        for j, i in enumerate(chosen):
+            attend[first + j * k:first + (j + 1) * k, end - len(ids[i]):end] = True
+        new = torch.tensor([i * k + c for i in chosen for c in range(k)], device=device)
+        seq, made = torch.cat([seq, new]), torch.cat([made, torch.zeros_like(new)])
+        column = torch.cat([column, torch.full_like(new, end)])
+        position = torch.cat([position, torch.tensor([len(ids[i]) for i in chosen], device=device).repeat_interleave(k)])
+        finished = torch.cat([finished, torch.zeros_like(new, dtype=torch.bool)])
+        if temperature > 0:
+            generators.extend(_row_generator(seed, prompts[i], c) for i in chosen for c in range(k))
+        for layer in cache.layers if preallocated else ():
+            layer.rows, layer.length = len(seq), max(layer.length, end)
+            layer._views()
+        return logits
+
+    logits = admit(min(len(waiting), pool // k))
+    while True:
         nxt = _pick(logits, temperature, top_p, generators)
-        tokens[rows, step] = nxt
-        ended = (nxt == eos) & ~finished
-        for r in _stopped(tokenizer, tokens, rows[~finished], step, stops):
-            ended[(rows == r).nonzero()[0, 0]] = True
+        live = ~finished
+        tokens[seq[live], made[live]] = nxt[live]
+        made = made + live
+        ended = live & ((nxt == eos) | (made == max_new_tokens))
+        for r in _stopped(tokenizer, tokens, seq, made, live, stops):
+            ended[r] = True
         if ended.any():
-            length[rows[ended].cpu()] = step + 1
-            finished |= ended
-        if bool(finished.all()) or step == max_new_tokens - 1:
+            length[seq[ended]] = made[ended]
+            finished = finished | ended
+            for s in seq[ended].tolist():
+                left[s // k] -= 1
+                if progress is not None and not left[s // k]:
+                    progress(1)
+        if bool(finished.all()) and not waiting:
             break
-        if drop_finished and int(finished.sum()) * 8 >= len(rows):
+        if drop_finished and int(finished.sum()) * 8 >= len(seq):
             if preallocated:  # only the live rows at the back move
                 keep, holes, movers = compaction(finished)
                 for layer in cache.layers:
@@ -360,15 +430,28 @@ def generate(model, tokenizer, prompts, k: int = 1, temperature: float = 0.0, to
             else:
                 keep = (~finished).nonzero()[:, 0]
                 cache.batch_select_indices(keep)
-            rows, mask, position, nxt, finished = rows[keep], mask[keep], position[keep], nxt[keep], finished[keep]
+            attend[:len(keep)] = attend[keep]
+            seq, made, column, position, nxt, finished = (x[keep] for x in (seq, made, column, position, nxt, finished))
             generators = [generators[i] for i in keep.tolist()] if generators else []
-        mask[:, width + step] = 1
-        if fused is not None:
-            logits = fused(nxt, position, cache.layers, mask[:, :width + step + 1].bool())
-        else:
-            logits = model(input_ids=nxt[:, None], attention_mask=mask[:, :width + step + 1],
-                           position_ids=position[:, None], cache=cache, use_cache=True).logits[:, -1]
-        position = position + 1
+        if len(seq):
+            rows = torch.arange(len(seq), device=device)
+            attend[rows, column] = True
+            end = int(column.max()) + 1
+            for layer in cache.layers if preallocated else ():
+                layer.columns, layer.length = column, end - 1
+            if fused is not None:
+                logits = fused(nxt, position, cache.layers, attend[:len(seq), :end])
+            else:
+                logits = model(input_ids=nxt[:, None], attention_mask=attend[:len(seq), :end].long(),
+                               position_ids=position[:, None], cache=cache, use_cache=True).logits[:, -1]
+            # a finished row not yet dropped goes on writing its last column (a prompt's rows stay in capacity)
+            column, position = (column + 1).clamp(max=capacity - 1), position + 1
+        free = pool - len(seq)
+        if waiting and free >= k and (free * 8 >= pool or free // k >= len(waiting)):
+            logits = torch.cat([logits, admit(min(len(waiting), free // k))]) if len(seq) else admit(
+                min(len(waiting), free // k))
+    for layer in cache.layers if preallocated else ():
+        layer.columns = None
     texts = tokenizer.batch_decode([t[:m] for t, m in zip(tokens.tolist(), length.tolist())],
                                    skip_special_tokens=True)
     texts = [truncate_at_stop(t, stops) for t in texts]
