@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 from aft.checks import check_config, require
 from aft.data import SFTCollator, encode_completion, encode_prompt, load_groups, positives, write_jsonl
 from aft.losses import pair_mask
-from aft.generation import GenerationFields, dtype_name, for_generation, generation_dtype, plan_batches
+from aft.generation import GenerationFields, dtype_name, for_generation, generation_dtype, plan_calls
 from aft.generation import generate as generate_batch
 from aft.models import ModelFields, load_model, load_tokenizer, usable_length
 from aft.provenance import OutputFields, claim
@@ -50,14 +50,15 @@ class EvalConfig(OutputFields, ModelFields, TaskFields, GenerationFields):
 
 def generate_all(model, tokenizer, prompts, k=1, temperature=0.0, max_new_tokens=256, batch_size=32, seed=0,
                  desc="generate", batch_tokens=GenerationFields.batch_tokens):
-    """``generate_batch`` over many prompts, in length-sorted batches sized by tokens, with a progress bar."""
+    """``generate_batch`` over many prompts, in length-sorted calls sized by tokens, with a progress bar."""
     out = [None] * len(prompts)
-    batches = plan_batches(tokenizer, prompts, batch_size, k, max_new_tokens, batch_tokens)
-    for batch in tqdm(batches, desc=desc, unit="batch"):
-        texts = generate_batch(model, tokenizer, [prompts[i] for i in batch], k, temperature,
-                               max_new_tokens=max_new_tokens, seed=seed)
-        for i, t in zip(batch, texts):
-            out[i] = t
+    with tqdm(total=len(prompts), desc=desc, unit="q") as bar:
+        for batch in plan_calls(tokenizer, prompts, batch_size, k, max_new_tokens, batch_tokens):
+            texts = generate_batch(model, tokenizer, [prompts[i] for i in batch], k, temperature,
+                                   max_new_tokens=max_new_tokens, seed=seed, batch_tokens=batch_tokens,
+                                   progress=bar.update)
+            for i, t in zip(batch, texts):
+                out[i] = t
     return out
 
 

@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from aft.checks import AftError, check_choice, check_config, require
 from aft.data import DataError, read_jsonl, write_jsonl
-from aft.generation import (GenerationFields, dtype_name, for_generation, generation_dtype, plan_batches,
+from aft.generation import (GenerationFields, dtype_name, for_generation, generation_dtype, plan_calls,
                             truncate_at_stop)
 from aft.generation import generate as generate_batch
 from aft.models import ModelFields, load_model, load_tokenizer
@@ -129,8 +129,8 @@ def sample(config: SampleConfig) -> str:
     model = for_generation(model, dtype)
     if state.is_main_process:  # what `auto` resolved to: the samples depend on it
         print(f"sample: generating in {dtype_name(dtype)}")
-    batches = plan_batches(tokenizer, prompts, config.batch_size, config.k, config.max_new_tokens,
-                           config.batch_tokens)
+    batches = plan_calls(tokenizer, prompts, config.batch_size, config.k, config.max_new_tokens,
+                         config.batch_tokens)
     mine = [(b, batch) for b, batch in enumerate(batches) if b % state.num_processes == state.process_index]
     todo = [(b, batch) for b, batch in mine if any(ids[i] not in done for i in batch)]
     total = sum(len(batch) for _, batch in mine)
@@ -140,12 +140,12 @@ def sample(config: SampleConfig) -> str:
                                                        disable=not state.is_local_main_process) as bar:
         for b, batch in todo:
             texts = generate_batch(model, tokenizer, [prompts[i] for i in batch], config.k, config.temperature,
-                                   config.top_p, config.max_new_tokens, seed=config.seed)
+                                   config.top_p, config.max_new_tokens, seed=config.seed,
+                                   batch_tokens=config.batch_tokens, progress=bar.update)
             lines = [json.dumps(record(i, t), ensure_ascii=False) + "\n" for i, t in zip(batch, texts)
                      if ids[i] not in done]
-            f.write("".join(lines))  # one write per batch, flushed: a kill loses at most this batch
+            f.write("".join(lines))  # one write per call, flushed: a kill loses at most this call
             f.flush()
-            bar.update(len(batch))
     state.wait_for_everyone()
     if state.is_main_process:  # canonical order, so resumed, sharded and plain runs give the same file
         merged = dict(done)
