@@ -7,7 +7,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from aft.decode import LlamaDecodeStep, SharedPrompts, additive, decode_step, projection, shared_prompt_attention
+from aft.decode import LlamaDecodeStep, decode_step, projection
 from aft.generation import _new_cache, generate
 
 PROMPTS = ["Tom has 3 apples", "A box holds 12 pens. 5 boxes", "3 + 4 =", "Step"]
@@ -113,35 +113,7 @@ def test_no_packed_copy_where_memory_is_short(gqa_model, monkeypatch):
 
 def test_generate_gives_the_same_samples_with_and_without_the_fused_step(gqa_model, tokenizer):
     args = dict(k=3, temperature=1.0, max_new_tokens=10, seed=4, stops=())
-    fused = generate(gqa_model, tokenizer, PROMPTS, share_prompts=False, **args)
+    fused = generate(gqa_model, tokenizer, PROMPTS, **args)
     assert fused == generate(gqa_model, tokenizer, PROMPTS, fused_step=False, **args)
-    # shared prompts round differently (two softmax parts), here with no sample changed
-    assert fused == generate(gqa_model, tokenizer, PROMPTS, **args)
     greedy = generate(gqa_model, tokenizer, PROMPTS, max_new_tokens=10, stops=())
     assert greedy == generate(gqa_model, tokenizer, PROMPTS, max_new_tokens=10, stops=(), fused_step=False)
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_shared_prompt_attention_is_attention_over_prompt_and_own_columns(dtype):
-    """Rows 0-2 read prompt slot 1 (candidates 0, 2, 1), row 3 slot 0 (candidate 1; its candidates 0 and 2
-    have left): each row's result is SDPA over its prompt's columns followed by its own."""
-    torch.manual_seed(0)
-    kv, g, d, k, width, own = 2, 3, 8, 3, 6, 4
-    prompt_keys, prompt_values = torch.randn(2, kv, width, d, dtype=dtype), torch.randn(2, kv, width, d, dtype=dtype)
-    prompt_attend = torch.ones(2, width, dtype=torch.bool)
-    prompt_attend[0, :2] = False  # slot 0's prompt is 2 tokens shorter: left padding
-    keys, values = torch.randn(4, kv, own, d, dtype=dtype), torch.randn(4, kv, own, d, dtype=dtype)
-    attend = torch.ones(4, own, dtype=torch.bool)
-    attend[1, 2:] = False  # row 1 has made 2 tokens, the others 4
-    q = torch.randn(4, kv, g, d, dtype=dtype)
-    rows = SharedPrompts(torch.tensor([1, 1, 1, 0]), torch.tensor([0, 2, 1, 1]), k, prompt_attend)
-    got = shared_prompt_attention(q, prompt_keys, prompt_values, additive(prompt_attend, dtype), rows, keys, values,
-                                  additive(attend, dtype), 0.3)
-    for r in range(4):
-        s = rows.slot[r]
-        both_keys = torch.cat([prompt_keys[s], keys[r]], 1).float()
-        both_values = torch.cat([prompt_values[s], values[r]], 1).float()
-        mask = torch.cat([prompt_attend[s], attend[r]])
-        expected = torch.nn.functional.scaled_dot_product_attention(q[r].float(), both_keys, both_values,
-                                                                   attn_mask=mask, scale=0.3)
-        assert torch.allclose(got[r].float(), expected, atol=1e-5 if dtype == torch.float32 else 2e-2)

@@ -90,23 +90,20 @@ def test_waiting_prompts_take_finished_rows_places_without_changing_outputs(live
         lively, early_eos, PROMPTS, **args)  # 6 rows: 2 prompts at a time
 
 
-@pytest.mark.parametrize("share_prompts", [True, False])
-def test_prompts_are_prefilled_in_groups_of_similar_length(lively, tokenizer, monkeypatch, share_prompts):
+def test_prompts_are_prefilled_in_groups_of_similar_length(lively, tokenizer, monkeypatch):
     lengths = [len(tokenizer(p)["input_ids"]) for p in PROMPTS]
     groups = generation.prefill_groups(lengths)
     assert sorted(i for g in groups for i in g) == list(range(len(PROMPTS)))
     assert len(groups) > 1 and all(max(lengths[i] for i in g) <= 1.5 * min(lengths[i] for i in g) for g in groups)
     written = []
-    # shared: once per prompt into the prompts' store; else once per row (k = 3)
-    method, copies = ("write_prompts", 1) if share_prompts else ("write_rows", 3)
-    write = getattr(generation._PreallocatedLayer, method)
-    monkeypatch.setattr(generation._PreallocatedLayer, method,
+    write = generation._PreallocatedLayer.write_rows
+    monkeypatch.setattr(generation._PreallocatedLayer, "write_rows",
                         lambda self, rows, keys, *a: written.append((len(rows), keys.shape[-2])) or
                         write(self, rows, keys, *a))
-    args = dict(k=3, temperature=1.0, max_new_tokens=10, seed=5, share_prompts=share_prompts)
+    args = dict(k=3, temperature=1.0, max_new_tokens=10, seed=5)
     grouped = generate(lively, tokenizer, PROMPTS, **args)
     n_layers = lively.config.num_hidden_layers
-    assert written[::n_layers] == [(copies * len(g), max(lengths[i] for i in g)) for g in groups]  # own widths
+    assert written[::n_layers] == [(3 * len(g), max(lengths[i] for i in g)) for g in groups]  # each padded to its own
     assert grouped == generate(lively, tokenizer, PROMPTS, group_prefill=False, **args)
 
 

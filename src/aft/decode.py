@@ -24,7 +24,6 @@ state of its weights, and only where it takes less than a quarter of the memory 
 from __future__ import annotations
 
 import weakref
-from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -52,52 +51,6 @@ def projection(*weights: torch.Tensor):
     if len(weights) > 1:
         return lambda x: tuple(F.linear(x, w) for w in weights)
     return lambda x: F.linear(x, weights[0])
-
-
-class SharedPrompts(NamedTuple):
-    """Rows whose prompts' keys and values are kept once per prompt, not once per row (``aft.generation``,
-    k > 1): row r reads prompt slot ``slot[r]`` as its candidate ``candidate[r]`` of ``k``; ``attend`` (slots,
-    prompt columns) bool, the columns of each slot's prompt: the last columns of the layers' prompt store."""
-
-    slot: torch.Tensor
-    candidate: torch.Tensor
-    k: int
-    attend: torch.Tensor
-
-
-def _flash(q, keys, values, mask, scale):
-    """SDPA's CPU kernel, which also returns each query's log-sum-exp of its scaled scores."""
-    return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, keys, values, 0.0, False, attn_mask=mask,
-                                                                       scale=scale)
-
-
-def shared_prompt_attention(q, prompt_keys, prompt_values, prompt_mask, rows: SharedPrompts, keys, values, mask,
-                            scale):
-    """Attention of each row over its prompt's columns and its own, in two parts merged by their log-sum-exps:
-    softmax over both = (o_p e^{l_p} + o_g e^{l_g}) / (e^{l_p} + e^{l_g}), o and l each part's output and
-    log-sum-exp. The prompt part reads a prompt's keys and values once for its k rows, their query heads
-    stacked as k times more query rows (one product where there were k): a decode step's attention is bound
-    by reading the cache, most of which is prompt.
-
-    ``q`` (rows, kv heads, query heads per kv head, d); ``prompt_keys`` (slots, kv heads, prompt columns, d);
-    ``keys`` (rows, kv heads, own columns, d); masks additive, (slots or rows, 1, 1, columns)."""
-    rows_n, kv, g, d = q.shape
-    slots = prompt_keys.shape[0]
-    stacked = q.new_zeros(slots, kv, rows.k, g, d)
-    stacked[rows.slot, :, rows.candidate] = q
-    o_p, l_p = _flash(stacked.view(slots, kv, rows.k * g, d), prompt_keys, prompt_values, prompt_mask, scale)
-    o_p = o_p.view(slots, kv, rows.k, g, d)[rows.slot, :, rows.candidate]
-    l_p = l_p.view(slots, kv, rows.k, g)[rows.slot, :, rows.candidate]
-    o_g, l_g = _flash(q, keys, values, mask, scale)
-    top = torch.maximum(l_p, l_g)
-    w_p, w_g = (l_p - top).exp()[..., None], (l_g - top).exp()[..., None]
-    return ((o_p.float() * w_p + o_g.float() * w_g) / (w_p + w_g)).to(q.dtype)
-
-
-def additive(attend: torch.Tensor, dtype) -> torch.Tensor:
-    """A boolean attention mask (rows, columns) as the additive one SDPA takes, (rows, 1, 1, columns)."""
-    return torch.zeros(attend.shape, dtype=dtype, device=attend.device).masked_fill_(~attend, float("-inf"))[
-        :, None, None, :]
 
 
 class LlamaDecodeStep:
@@ -132,18 +85,15 @@ class LlamaDecodeStep:
                 projection(m.down_proj.weight)))
 
     @torch.no_grad()
-    def __call__(self, tokens, positions, cache_layers, attend: torch.Tensor,
-                 prompts: SharedPrompts | None = None) -> torch.Tensor:
+    def __call__(self, tokens, positions, cache_layers, attend: torch.Tensor) -> torch.Tensor:
         """``tokens`` and ``positions`` (rows,); ``cache_layers`` pre-allocated (``aft.generation``), the new
         keys and values written at their next column; ``attend`` (rows, columns + 1) bool, the cache columns
-        each row reads, the new one included; ``prompts``: the rows' prompts are in the layers' prompt store,
-        read by ``shared_prompt_attention``. Returns (rows, vocab) logits."""
+        each row reads, the new one included. Returns (rows, vocab) logits."""
         rows, d, half = tokens.shape[0], self.head_dim, self.head_dim // 2
         h = self.embed(tokens)
         cos, sin = self.rotary(h, positions[:, None])  # (rows, 1, d): broadcast over the heads
-        # additive masks, made once for the step's layers: SDPA converts a boolean one at every call
-        mask = additive(attend, h.dtype)
-        prompt_mask = additive(prompts.attend, h.dtype) if prompts is not None else None
+        # an additive mask, made once for the step's layers: SDPA converts a boolean one at every call
+        mask = torch.zeros(attend.shape, dtype=h.dtype, device=h.device).masked_fill_(~attend, float("-inf"))[:, None, None, :]
         for (norm1, qkv, out, norm2, gate_up, down), layer in zip(self.layers, cache_layers):
             q, k, v = qkv(norm1(h))
             q, k = q.view(rows, self.heads, d), k.view(rows, self.kv_heads, d)
@@ -151,14 +101,8 @@ class LlamaDecodeStep:
             k = k * cos + torch.cat((-k[..., half:], k[..., :half]), -1) * sin
             keys, values = layer.update(k[:, :, None], v.view(rows, self.kv_heads, 1, d))  # written in place
             # the query heads that share a key/value head become its query rows: no copy of the cache
-            q = q.view(rows, self.kv_heads, -1, d)
-            if prompts is None:
-                o = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=self.scaling)
-            else:
-                slots, columns = prompts.attend.shape  # the store's last columns: prompts end there
-                o = shared_prompt_attention(q, layer.prompt_keys[:slots, :, -columns:],
-                                            layer.prompt_values[:slots, :, -columns:], prompt_mask, prompts, keys,
-                                            values, mask, self.scaling)
+            o = F.scaled_dot_product_attention(q.view(rows, self.kv_heads, -1, d), keys, values, attn_mask=mask,
+                                               scale=self.scaling)
             h = h + out(o.reshape(rows, self.heads * d))
             gate, up = gate_up(norm2(h))
             h = h + down(F.silu(gate) * up)

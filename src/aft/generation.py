@@ -43,7 +43,7 @@ from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
 from aft.data import encode_prompt
-from aft.decode import SharedPrompts, decode_step
+from aft.decode import decode_step
 
 STOPS = ("\nQuestion:",)
 GEN_DTYPES = ("auto", "float32", "bfloat16")
@@ -155,7 +155,6 @@ class _PreallocatedLayer(DynamicLayer):
     def __init__(self, capacity: int, pool: int = 0):
         super().__init__()
         self.capacity, self.pool, self.length, self.rows, self.columns = capacity, pool, 0, 0, None
-        self.prompt_keys = self.prompt_values = None  # the shared prompts' store (``write_prompts``)
 
     def _allocate(self, like: torch.Tensor, rows: int) -> None:
         _, h, _, d = like.shape  # zeros, not uninitialised memory: a masked column is read (times 0)
@@ -197,26 +196,14 @@ class _PreallocatedLayer(DynamicLayer):
         self.key_buffer[rows, :, end - keys.shape[-2]:end] = keys
         self.value_buffer[rows, :, end - values.shape[-2]:end] = values
 
-    def write_prompts(self, slots, keys, values, end: int, slot_count: int) -> None:
-        """Shared prompts (``generate``'s k > 1 on the fused step): put prefilled keys and values (left-padded to
-        their own width) into prompt slots ``slots`` of a store beside the rows, at the columns ending at ``end``,
-        once for the k rows that read them."""
-        if self.prompt_keys is None:
-            _, h, _, d = keys.shape
-            self.prompt_keys = keys.new_zeros(slot_count, h, end, d)
-            self.prompt_values = values.new_zeros(slot_count, h, end, d)
-        self.prompt_keys[slots, :, end - keys.shape[-2]:end] = keys
-        self.prompt_values[slots, :, end - values.shape[-2]:end] = values
-
     def compact(self, holes, movers, rows: int) -> None:
         """Keep the first ``rows`` rows, after copying rows ``movers`` into rows ``holes`` (the columns written so
         far only): dropping finished rows copies just the live rows that move, not the whole cache."""
+        for buffer in (self.key_buffer, self.value_buffer):
+            written = buffer[:, :, :self.length]
+            written[holes] = written[movers]
         self.rows = rows
-        if self.is_initialized:  # (shared prompts: rows can finish at their first token, before any is written)
-            for buffer in (self.key_buffer, self.value_buffer):
-                written = buffer[:, :, :self.length]
-                written[holes] = written[movers]
-            self._views()
+        self._views()
 
 
 def compaction(finished: torch.Tensor):
@@ -257,14 +244,14 @@ def _left_padded(ids: list[list[int]], pad: int, device):
     return input_ids, mask, (mask.cumsum(-1) - 1).clamp(min=0)
 
 
-def _prefill(model, ids, cache, k: int, grouped: bool, pad: int, write=None):
+def _prefill(model, ids, cache, first_row: int, k: int, grouped: bool, pad: int):
     """The last position's logits of every prompt of ``ids``, repeated for its k rows, and the column its
-    prompts end at. On the pre-allocated cache, ``write(layer, prompts, keys, values, width)`` puts each
-    layer's keys and values of prompts ``prompts`` (a tensor of indices into ``ids``, left-padded to their own
-    width) in place (``grouped``: prompts of very different lengths run in groups of similar length, each
-    padded only to its own longest); any other cache is a fresh one, filled by the model and repeated k times."""
+    prompts end at. On the pre-allocated cache the keys and values of prompt i go to pool rows
+    first_row + i*k ... + k - 1 (``grouped``: prompts of very different lengths run in groups of similar
+    length, each padded only to its own longest); any other cache is a fresh one, filled by the model and
+    repeated k times."""
     device, width = next(model.parameters()).device, max(len(x) for x in ids)
-    if write is None:
+    if not isinstance(cache.layers[0], _PreallocatedLayer):
         input_ids, mask, positions = _left_padded(ids, pad, device)
         logits = model(input_ids=input_ids, attention_mask=mask, position_ids=positions, cache=cache,
                        use_cache=True, logits_to_keep=1).logits[:, -1]
@@ -279,8 +266,9 @@ def _prefill(model, ids, cache, k: int, grouped: bool, pad: int, write=None):
                     use_cache=True, logits_to_keep=1).logits[:, -1]
         logits = out.new_empty(len(ids), out.shape[-1]) if logits is None else logits
         logits[group] = out
+        rows = (first_row + k * torch.tensor(group, device=device)[:, None] + torch.arange(k, device=device)).ravel()
         for layer, written in zip(cache.layers, part.layers):
-            write(layer, torch.tensor(group, device=device), written.keys, written.values, width)
+            layer.write_rows(rows, written.keys.repeat_interleave(k, 0), written.values.repeat_interleave(k, 0), width)
     return logits.repeat_interleave(k, 0), width
 
 
@@ -365,82 +353,55 @@ def _stopped(tokenizer, tokens, seqs, made, looking, stops, every=8, context=16)
 def generate(model, tokenizer, prompts, k: int = 1, temperature: float = 0.0, top_p: float = 1.0,
              max_new_tokens: int = 256, seed: int = 0, stops=STOPS, batch_tokens: int = 0, progress=None,
              preallocate: bool = True, drop_finished: bool = True, group_prefill: bool = True,
-             fused_step: bool = True, share_prompts: bool = True) -> list[list[str]]:
+             fused_step: bool = True) -> list[list[str]]:
     """k completions for each prompt (left padding, KV cache, stop at EOS or a stop string), cut at the stop.
 
     ``batch_tokens`` > 0 caps the rows decoded at once to those whose KV cache fits in that many tokens
     (rows x (longest prompt + ``max_new_tokens``)); the other prompts wait, shortest first, and take the
     places of finished rows, so the batch stays full until the last prompts. ``progress(1)`` is called as
-    each prompt's k completions are done. ``preallocate``, ``drop_finished``, ``group_prefill``,
-    ``fused_step`` and ``share_prompts`` only change speed (the benchmark turns them off; grouping, the fused
-    step and waiting prompts need the pre-allocated cache, waiting prompts also dropping). All but
-    ``share_prompts`` leave float32 outputs bit for bit the same; sharing a prompt's keys and values among its
-    k rows (fused step, k > 1) splits each softmax in two, which rounds differently."""
+    each prompt's k completions are done. ``preallocate``, ``drop_finished``, ``group_prefill`` and
+    ``fused_step`` only change speed, never the output in float32 (the benchmark turns them off; grouping,
+    the fused step and waiting prompts need the pre-allocated cache, waiting prompts also dropping)."""
     device = next(model.parameters()).device
     ids = [encode_prompt(tokenizer, p) for p in prompts]
-    n, width = len(prompts) * k, max(len(x) for x in ids)
+    n, capacity = len(prompts) * k, max(len(x) for x in ids) + max_new_tokens
     pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
-    cache = _new_cache(model, width + max_new_tokens, preallocate)
+    cache = _new_cache(model, capacity, preallocate)
     preallocated = isinstance(cache.layers[0], _PreallocatedLayer)
-    fused = decode_step(model) if fused_step and preallocated else None
-    shared = fused is not None and share_prompts and k > 1  # rows' columns: generated tokens only
-    capacity = max_new_tokens if shared else width + max_new_tokens
     pool = n  # rows decoded at once
     if batch_tokens and preallocated and drop_finished:
-        pool = min(n, max(1, batch_tokens // (width + max_new_tokens) // k) * k)
+        pool = min(n, max(1, batch_tokens // capacity // k) * k)
     for layer in cache.layers if preallocated else ():
-        layer.pool, layer.capacity = pool, capacity
+        layer.pool = pool
+    fused = decode_step(model) if fused_step and preallocated else None
     waiting = sorted(range(len(prompts)), key=lambda i: (len(ids[i]), i))
     left = [k] * len(prompts)                                # rows of a prompt still generating
     tokens = torch.full((n, max_new_tokens), pad, dtype=torch.long, device=device)
     length = torch.full((n,), max_new_tokens, dtype=torch.long, device=device)  # generated tokens kept
     attend = torch.zeros(pool, capacity, dtype=torch.bool, device=device)   # the cache columns a row reads
-    # per batch row: its sequence (prompt * k + candidate), tokens made, next column and position, finished;
-    # shared: its prompt's slot in the prompts' store
-    seq, made, column, position, slot = (torch.zeros(0, dtype=torch.long, device=device) for _ in range(5))
+    # per batch row: its sequence (prompt * k + candidate), tokens made, next column and position, finished
+    seq, made, column, position = (torch.zeros(0, dtype=torch.long, device=device) for _ in range(4))
     finished, generators = torch.zeros(0, dtype=torch.bool, device=device), []
-    slot_attend = torch.zeros(pool, width, dtype=torch.bool, device=device)  # shared: the prompt columns
-    slot_attend[:, -1] = True  # (a slot no row reads: never an all-masked softmax)
-    slot_length = torch.zeros(pool, dtype=torch.long, device=device)  # shared: each slot's prompt length
 
     def admit(count):
         """The next ``count`` waiting prompts join the batch at its end, prefilled: their rows' logits."""
-        nonlocal seq, made, column, position, slot, finished
+        nonlocal seq, made, column, position, finished
         chosen, first = waiting[:count], len(seq)
         del waiting[:count]
-        if shared:  # each prompt's keys and values go once to a free slot of the prompts' store
-            used = set(slot.tolist())
-            places = torch.tensor([s for s in range(pool) if s not in used][:count], device=device)
-
-            def write(layer, group, keys, values, _):
-                layer.write_prompts(places[group], keys, values, width, pool)
-        elif preallocated:  # to each of its k rows, its prompt ending at the prefill's width
-            def write(layer, group, keys, values, end):
-                rows = (first + k * group[:, None] + torch.arange(k, device=device)).ravel()
-                layer.write_rows(rows, keys.repeat_interleave(k, 0), values.repeat_interleave(k, 0), end)
-        else:
-            write = None
-        logits, end = _prefill(model, [ids[i] for i in chosen], cache, k, group_prefill and preallocated, pad, write)
+        logits, end = _prefill(model, [ids[i] for i in chosen], cache, first, k, group_prefill and preallocated, pad)
         attend[first:first + len(chosen) * k] = False
         for j, i in enumerate(chosen):
-            if shared:
-                slot_attend[places[j]] = False
-                slot_attend[places[j], width - len(ids[i]):] = True
-                slot_length[places[j]] = len(ids[i])
-            else:
-                attend[first + j * k:first + (j + 1) * k, end - len(ids[i]):end] = True
+            attend[first + j * k:first + (j + 1) * k, end - len(ids[i]):end] = True
         new = torch.tensor([i * k + c for i in chosen for c in range(k)], device=device)
         seq, made = torch.cat([seq, new]), torch.cat([made, torch.zeros_like(new)])
-        column = torch.cat([column, torch.full_like(new, 0 if shared else end)])
+        column = torch.cat([column, torch.full_like(new, end)])
         position = torch.cat([position, torch.tensor([len(ids[i]) for i in chosen], device=device).repeat_interleave(k)])
-        slot = torch.cat([slot, places.repeat_interleave(k) if shared else torch.zeros_like(new)])
         finished = torch.cat([finished, torch.zeros_like(new, dtype=torch.bool)])
         if temperature > 0:
             generators.extend(_row_generator(seed, prompts[i], c) for i in chosen for c in range(k))
         for layer in cache.layers if preallocated else ():
-            layer.rows, layer.length = len(seq), max(layer.length, 0 if shared else end)
-            if layer.is_initialized:
-                layer._views()
+            layer.rows, layer.length = len(seq), max(layer.length, end)
+            layer._views()
         return logits
 
     logits = admit(min(len(waiting), pool // k))
@@ -470,8 +431,7 @@ def generate(model, tokenizer, prompts, k: int = 1, temperature: float = 0.0, to
                 keep = (~finished).nonzero()[:, 0]
                 cache.batch_select_indices(keep)
             attend[:len(keep)] = attend[keep]
-            seq, made, column, position, slot, nxt, finished = (
-                x[keep] for x in (seq, made, column, position, slot, nxt, finished))
+            seq, made, column, position, nxt, finished = (x[keep] for x in (seq, made, column, position, nxt, finished))
             generators = [generators[i] for i in keep.tolist()] if generators else []
         if len(seq):
             rows = torch.arange(len(seq), device=device)
@@ -480,11 +440,7 @@ def generate(model, tokenizer, prompts, k: int = 1, temperature: float = 0.0, to
             for layer in cache.layers if preallocated else ():
                 layer.columns, layer.length = column, end - 1
             if fused is not None:
-                prompts_read = None
-                if shared:  # the slots and the prompt columns in use (prompts join shortest first)
-                    slots, longest = int(slot.max()) + 1, int(slot_length[slot].max())
-                    prompts_read = SharedPrompts(slot, seq % k, k, slot_attend[:slots, width - longest:])
-                logits = fused(nxt, position, cache.layers, attend[:len(seq), :end], prompts_read)
+                logits = fused(nxt, position, cache.layers, attend[:len(seq), :end])
             else:
                 logits = model(input_ids=nxt[:, None], attention_mask=attend[:len(seq), :end].long(),
                                position_ids=position[:, None], cache=cache, use_cache=True).logits[:, -1]
