@@ -48,7 +48,10 @@ def main():
     p.add_argument("--real", action="store_true", help="the real-model table of issue 18 instead")
     p.add_argument("--model-dir", default="runs/smollm2-135m", help="converted SmolLM2 (made if missing)")
     p.add_argument("--k", type=int, default=4, help="--real: samples per question")
-    p.add_argument("--process-questions", type=int, default=64, help="--real: questions of the `aft sample` run")
+    p.add_argument("--process-questions", type=int, nargs="+", default=[64, 256],
+                   help="--real: questions of the `aft sample` runs (the first also for `aft eval`)")
+    p.add_argument("--refill-questions", type=int, default=64,
+                   help="--real: questions of the waiting-prompts comparison (k 4, 256 new tokens: the stage default)")
     p.add_argument("--threads", type=int, default=0, help="--real: threads for torch and llama.cpp (0: torch's)")
     a = p.parse_args()
     if a.threads:
@@ -59,7 +62,7 @@ def main():
 
 
 def tiny(a):
-    from aft.generation import generate, plan_batches
+    from aft.generation import generate, plan_batches, plan_calls
     tok = common.tokenizer()
     model = common.model(tok).eval()
     rng = random.Random(0)
@@ -246,7 +249,7 @@ def real_model(a):
     (start-up, model load, dtype probe) with default flags on ``--process-questions`` questions. Tokens are
     counted on the returned completions (after the stop-text cut), the same way for every row; llama.cpp's
     are its generated ids up to EOS."""
-    from aft.generation import generate, plan_batches
+    from aft.generation import generate, plan_batches, plan_calls
     from aft.models import convert_gguf, load_model, load_tokenizer, smollm2_gguf
     from aft.tasks import TaskFields
 
@@ -265,6 +268,7 @@ def real_model(a):
     count = lambda outs: sum(len(tok(t, add_special_tokens=False)["input_ids"]) for o in outs for t in o)  # noqa
     fixed = plan_batches(tok, prompts, TODAY_BATCH)
     by_tokens = plan_batches(tok, prompts, 0, a.k, a.new_tokens, 65536)
+    calls = plan_calls(tok, prompts, 0, a.k, a.new_tokens, 65536)  # aft sample's default
 
     def run(fn, model, batches, temperature=0.8, k=a.k, **kw):
         outs = [None] * len(prompts)
@@ -286,8 +290,11 @@ def real_model(a):
         "+ finished rows dropped": lambda: run(generate, bf16, fixed, group_prefill=False, fused_step=False),
         "+ prompts prefilled in groups of similar length": lambda: run(generate, bf16, fixed, fused_step=False),
         "+ fused decode step (stacked, packed products)": lambda: run(generate, bf16, fixed),
-        "+ batches by tokens (the default): sampling": lambda: run(generate, bf16, by_tokens),
-        "+ batches by tokens (the default): greedy": lambda: run(generate, bf16, by_tokens, temperature=0.0),
+        "+ batches by tokens": lambda: run(generate, bf16, by_tokens),
+        "+ waiting prompts take finished rows' places (the default): sampling":
+            lambda: run(generate, bf16, calls, batch_tokens=65536),
+        "+ waiting prompts take finished rows' places (the default): greedy":
+            lambda: run(generate, bf16, calls, temperature=0.0, batch_tokens=65536),
     }
     results = {}
     for name, fn in rows.items():
@@ -312,33 +319,50 @@ def real_model(a):
     except ImportError:
         print("llama.cpp rows skipped: llama_cpp does not import (set AFT_LLAMA_CPP to its install folder)")
 
+    # waiting prompts against batches run to their end, at the stage's default 256 new tokens (where
+    # completions end far apart), on more questions than one batch holds
+    refill_task, refill_examples = TaskFields(task="gsm8k", data_path=str(GSM8K), split="test",
+                                              limit=a.refill_questions).load_examples()
+    refill_prompts = [refill_task.format_prompt(e) for e in refill_examples]
+    refill = {}
+    for name, plan, budget in (("batches run to their end", plan_batches, 0), ("waiting prompts", plan_calls, 65536)):
+        outs = []
+        seconds = timed_once(lambda: outs.extend(
+            t for b in plan(tok, refill_prompts, 0, 4, 256, 65536)
+            for t in generate(bf16, tok, [refill_prompts[i] for i in b], 4, 0.8, max_new_tokens=256,
+                              batch_tokens=budget)))
+        refill[name] = {"s": seconds, "tokens": count(outs), "tokens_per_s": count(outs) / seconds}
+        print(f"{a.refill_questions} questions x k 4, 256 new tokens, {name}: {refill[name]['tokens_per_s']:.0f} "
+              f"tokens/s", flush=True)
+
     with tempfile.TemporaryDirectory() as tmp:
         flags = ["--model", a.model_dir, "--task", "gsm8k", "--data_path", str(GSM8K), "--split", "test",
-                  "--limit", str(a.process_questions), "--max_new_tokens", str(a.new_tokens)]
-        for command, extra, out, field in (("sample", ["--k", str(a.k)], "s.jsonl", "completions"),
-                                           ("eval", [], "eval.json", None)):
-            seconds = aft_process(command, [*flags, *extra, "--output", f"{tmp}/{out}"])
+                  "--max_new_tokens", str(a.new_tokens)]
+        runs = [("sample", q, ["--k", str(a.k)], "s.jsonl", "completions") for q in a.process_questions]
+        for command, questions, extra, out, field in runs + [("eval", a.process_questions[0], [], "eval.json", None)]:
+            seconds = aft_process(command, [*flags, "--limit", str(questions), *extra, "--output",
+                                            f"{tmp}/{command}{questions}/{out}"])
             if field:
-                texts = [json.loads(x)[field] for x in open(f"{tmp}/{out}")]
+                texts = [json.loads(x)[field] for x in open(f"{tmp}/{command}{questions}/{out}")]
             else:
-                texts = [[json.loads(x)["greedy"]] for x in open(f"{tmp}/predictions.jsonl")]
-            name = f"`aft {command}` whole process, default flags, {a.process_questions} questions"
+                texts = [[json.loads(x)["greedy"]] for x in open(f"{tmp}/{command}{questions}/predictions.jsonl")]
+            name = f"`aft {command}` whole process, default flags, {questions} questions"
             results[name] = {"s": seconds, "tokens": count(texts), "tokens_per_s": count(texts) / seconds}
             print(f"{name}: {results[name]['tokens_per_s']:.0f} tokens/s", flush=True)
         # what of `aft eval`'s time is not generation: start-up, model load, dtype probe (1 question, 1 token)
-        startup = aft_process("eval", [*flags[:-4], "--limit", "1", "--max_new_tokens", "1",
+        startup = aft_process("eval", [*flags[:-2], "--limit", "1", "--max_new_tokens", "1",
                                        "--output", f"{tmp}/startup/eval.json"])
         print(f"`aft eval` start-up (1 question, 1 new token): {startup:.1f} s", flush=True)
 
     # `aft eval`'s generation in this process: how much of it is reading the prompts (prefill, 1 new token)
     eval_task, eval_examples = TaskFields(task="gsm8k", data_path=str(GSM8K), split="test",
-                                          limit=a.process_questions).load_examples()
+                                          limit=a.process_questions[0]).load_examples()
     eval_prompts = [eval_task.format_prompt(e) for e in eval_examples]
-    eval_batches = plan_batches(tok, eval_prompts, 0, 1, a.new_tokens, 65536)
+    eval_batches = plan_calls(tok, eval_prompts, 0, 1, a.new_tokens, 65536)  # aft eval's calls
     eval_split = {"questions": len(eval_prompts), "prompt_tokens": sum(len(tok(p)["input_ids"]) for p in eval_prompts)}
     def eval_greedy(new_tokens, **kw):
         return [o for b in eval_batches for o in generate(bf16, tok, [eval_prompts[i] for i in b], 1,
-                                                          max_new_tokens=new_tokens, **kw)]
+                                                          max_new_tokens=new_tokens, batch_tokens=65536, **kw)]
     for name, kw in (("one_prefill", dict(group_prefill=False, fused_step=False)),
                      ("prefill_in_groups", dict(fused_step=False)), ("default", {})):
         answers = []
@@ -367,8 +391,8 @@ def real_model(a):
              for name, r in results.items()]
     common.print_table(f"SmolLM2-135M, {len(prompts)} GSM8K questions x k={a.k}, up to {a.new_tokens} new tokens, "
                        f"{threads} threads", ["path", "s", "tokens", "tokens/s", "x today"], table)
-    sampling = results["+ batches by tokens (the default): sampling"]["tokens_per_s"]
-    greedy = results["+ batches by tokens (the default): greedy"]["tokens_per_s"]
+    sampling = results["+ waiting prompts take finished rows' places (the default): sampling"]["tokens_per_s"]
+    greedy = results["+ waiting prompts take finished rows' places (the default): greedy"]["tokens_per_s"]
     llama = next((r["tokens_per_s"] for n, r in results.items() if n.startswith("llama.cpp") and "batch" in n), None)
     summary = {
         "matmul_gflops": rates,
@@ -378,6 +402,7 @@ def real_model(a):
         "bf16_greedy_agreement_with_fp32": agreement,
         "fast_default_over_llama_cpp_batched": sampling / llama if llama else None,
         "aft_eval_startup_s": startup,
+        "waiting_prompts_256_new_tokens": refill,
         "aft_eval_in_process": eval_split,
     }
     for line in (f"matrix products: fp32 {rates['float32']:.0f} GFLOP/s, bf16 {rates['bfloat16']:.0f} GFLOP/s",
@@ -387,6 +412,8 @@ def real_model(a):
                  f"`aft eval`'s generation in process: today's path {eval_split['today']['greedy_s']:.1f} s, the default "
                  f"{eval_split['default']['greedy_s']:.1f} s ({eval_split['today']['greedy_s'] / eval_split['default']['greedy_s']:.2f}x)",
                  f"bf16 greedy = fp32 greedy on {agreement:.0%} of {len(prompts)} questions",
+                 f"waiting prompts / batches run to their end ({a.refill_questions} questions x k 4, 256 new tokens): "
+                 f"{refill['waiting prompts']['tokens_per_s'] / refill['batches run to their end']['tokens_per_s']:.2f}x",
                  f"fast (default batches, sampling) / llama.cpp batched: "
                  f"{sampling / llama:.2f}x" if llama else "llama.cpp: not run"):
         print(line)
