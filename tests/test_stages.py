@@ -96,6 +96,23 @@ def test_sample_resumes_to_the_same_file(base_model, tmp_path, monkeypatch):
     assert len(ids) == len(set(ids)) == 12
 
 
+def test_sample_with_waiting_questions_writes_the_same_file(base_model, tmp_path, monkeypatch):
+    """A --batch_tokens so small that a few rows decode at once and the other questions of a call wait for
+    their places: the same file as all questions at once (float32)."""
+    import importlib
+
+    stage = importlib.import_module("aft.sample")
+    pools, generate = [], stage.generate_batch
+    monkeypatch.setattr(stage, "generate_batch", lambda *a, **k: pools.append((len(a[2]), k["batch_tokens"]))
+                        or generate(*a, **k))
+    args = ["sample", "--model", base_model, "--task", TASK, "--k", "2", "--limit", "12", "--max_new_tokens", "10",
+            "--temperature", "1.0", "--gen_dtype", "float32"]  # (in bf16 the rows beside a row change its rounding)
+    assert main(args + ["--output", str(tmp_path / "all.jsonl"), "--batch_tokens", "0"]) == 0
+    assert main(args + ["--output", str(tmp_path / "waiting.jsonl"), "--batch_tokens", "150"]) == 0
+    assert (tmp_path / "waiting.jsonl").read_bytes() == (tmp_path / "all.jsonl").read_bytes()
+    assert pools[0] == (12, 0) and len(pools) > 1 and max(n for n, _ in pools[1:]) > 1  # calls of several
+
+
 def test_bad_input_is_named_not_a_traceback(base_model, tmp_path, capsys):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "q", "labels": [1]}\n')

@@ -218,10 +218,10 @@ def compaction(finished: torch.Tensor):
     return order, holes, movers
 
 
-def _new_cache(model, capacity: int, preallocate: bool = True, pool: int = 0):
+def _new_cache(model, capacity: int, preallocate: bool = True):
     cache = DynamicCache(config=model.config)
     if preallocate and cache.layers and all(type(layer) is DynamicLayer for layer in cache.layers):
-        cache.layers = [_PreallocatedLayer(capacity, pool) for _ in cache.layers]
+        cache.layers = [_PreallocatedLayer(capacity) for _ in cache.layers]
     return cache
 
 
