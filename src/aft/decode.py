@@ -93,7 +93,8 @@ class LlamaDecodeStep:
         h = self.embed(tokens)
         cos, sin = self.rotary(h, positions[:, None])  # (rows, 1, d): broadcast over the heads
         # an additive mask, made once for the step's layers: SDPA converts a boolean one at every call
-        mask = torch.zeros(attend.shape, dtype=h.dtype, device=h.device).masked_fill_(~attend, float("-inf"))[:, None, None, :]
+        mask = torch.zeros(attend.shape, dtype=h.dtype, device=h.device).masked_fill_(~attend, float("-inf"))
+        mask = mask[:, None, None, :]
         for (norm1, qkv, out, norm2, gate_up, down), layer in zip(self.layers, cache_layers):
             q, k, v = qkv(norm1(h))
             q, k = q.view(rows, self.heads, d), k.view(rows, self.kv_heads, d)

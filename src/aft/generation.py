@@ -146,15 +146,16 @@ class _PreallocatedLayer(DynamicLayer):
     """One layer's keys and values in buffers sized for the whole generation, written in place.
 
     The buffers hold a pool of rows, of which the first ``rows`` are the batch. A row's prompt ends at the
-    column its prefill wrote it to, and each row writes its next token at its own column (``columns``, set by
-    ``generate`` before a decode step): a row that joins the batch late decodes beside rows that are far
-    ahead of it. Without ``columns`` every row writes at ``length``, as transformers' cache does (a forward
-    pass of the model on a fresh cache, the tests' reference). Reads cover the columns up to ``length``; the
-    columns a row has not written are masked out and hold zeros or an earlier row's finite values."""
+    column its prefill wrote it to, and each row writes its next token at its own column (``at``: the batch's
+    row indices and their columns, set by ``generate`` before a decode step, once for all layers): a row that
+    joins the batch late decodes beside rows that are far ahead of it. Without ``at`` every row writes at
+    ``length``, as transformers' cache does (a forward pass of the model on a fresh cache, the tests'
+    reference). Reads cover the columns up to ``length``; the columns a row has not written are masked out
+    and hold zeros or an earlier row's finite values."""
 
-    def __init__(self, capacity: int, pool: int = 0):
+    def __init__(self, capacity: int):
         super().__init__()
-        self.capacity, self.pool, self.length, self.rows, self.columns = capacity, pool, 0, 0, None
+        self.capacity, self.pool, self.length, self.rows, self.at = capacity, 0, 0, 0, None
 
     def _allocate(self, like: torch.Tensor, rows: int) -> None:
         _, h, _, d = like.shape  # zeros, not uninitialised memory: a masked column is read (times 0)
@@ -169,14 +170,14 @@ class _PreallocatedLayer(DynamicLayer):
     def update(self, key_states, value_states, *args, **kwargs):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-        if self.columns is None:
+        if self.at is None:
             end = self.length + key_states.shape[-2]
             self.key_buffer[:self.rows, :, self.length:end] = key_states
             self.value_buffer[:self.rows, :, self.length:end] = value_states
         else:  # one token per row, each at its own column
-            end, every = self.length + 1, torch.arange(self.rows, device=key_states.device)
-            self.key_buffer[every, :, self.columns] = key_states[:, :, 0]
-            self.value_buffer[every, :, self.columns] = value_states[:, :, 0]
+            end, (rows, columns) = self.length + 1, self.at
+            self.key_buffer[rows, :, columns] = key_states[:, :, 0]
+            self.value_buffer[rows, :, columns] = value_states[:, :, 0]
         self.length = end
         self._views()
         return self.keys, self.values
@@ -438,7 +439,7 @@ def generate(model, tokenizer, prompts, k: int = 1, temperature: float = 0.0, to
             attend[rows, column] = True
             end = int(column.max()) + 1
             for layer in cache.layers if preallocated else ():
-                layer.columns, layer.length = column, end - 1
+                layer.at, layer.length = (rows, column), end - 1
             if fused is not None:
                 logits = fused(nxt, position, cache.layers, attend[:len(seq), :end])
             else:
@@ -451,7 +452,7 @@ def generate(model, tokenizer, prompts, k: int = 1, temperature: float = 0.0, to
             logits = torch.cat([logits, admit(min(len(waiting), free // k))]) if len(seq) else admit(
                 min(len(waiting), free // k))
     for layer in cache.layers if preallocated else ():
-        layer.columns = None
+        layer.at = None
     texts = tokenizer.batch_decode([t[:m] for t, m in zip(tokens.tolist(), length.tolist())],
                                    skip_special_tokens=True)
     texts = [truncate_at_stop(t, stops) for t in texts]
