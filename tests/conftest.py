@@ -1,5 +1,7 @@
 """Shared fixtures: a tokenizer and a tiny randomly initialised Llama, built offline in under a second."""
 
+import os
+
 import pytest
 import torch
 
@@ -11,6 +13,14 @@ CORPUS = [
     "A box holds 12 pens. 5 boxes hold 12 * 5 = 60 pens.\n#### 60",
     "The answer is 42. Question: Answer: Step",
 ] * 20
+
+
+@pytest.fixture(scope="session", autouse=True)
+def kernel_dir(tmp_path_factory):
+    """aft.kernels builds its C library into this run's own folder (the stages' subprocesses too), not the
+    user's cache."""
+    os.environ["AFT_KERNEL_DIR"] = str(tmp_path_factory.mktemp("kernels"))
+    return os.environ["AFT_KERNEL_DIR"]
 
 
 @pytest.fixture(scope="session")

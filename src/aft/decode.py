@@ -28,6 +28,8 @@ import weakref
 import torch
 import torch.nn.functional as F
 
+from aft.kernels import decode_attention, decode_attention_available
+
 _steps: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
@@ -72,6 +74,9 @@ class LlamaDecodeStep:
         self.heads, self.kv_heads, self.head_dim = c.num_attention_heads, c.num_key_value_heads, attention.head_dim
         self.scaling, self.rotary, self.embed = attention.scaling, inner.rotary_emb, inner.embed_tokens
         self.final_norm = inner.norm
+        # bfloat16 attention over each row's own columns, in C (aft.kernels); else PyTorch's SDPA
+        self.kernel = (next(model.parameters()).dtype == torch.bfloat16
+                       and decode_attention_available(self.heads // self.kv_heads, self.head_dim))
         self.head = projection(model.get_output_embeddings().weight)
         self.layers = []
         for layer in inner.layers:
@@ -92,9 +97,10 @@ class LlamaDecodeStep:
         rows, d, half = tokens.shape[0], self.head_dim, self.head_dim // 2
         h = self.embed(tokens)
         cos, sin = self.rotary(h, positions[:, None])  # (rows, 1, d): broadcast over the heads
-        # an additive mask, made once for the step's layers: SDPA converts a boolean one at every call
-        mask = torch.zeros(attend.shape, dtype=h.dtype, device=h.device).masked_fill_(~attend, float("-inf"))
-        mask = mask[:, None, None, :]
+        spans = self._spans(attend) if h.dtype == torch.bfloat16 and self.kernel else None
+        if spans is None:  # an additive mask, made once for the step's layers: SDPA converts a boolean one
+            mask = torch.zeros(attend.shape, dtype=h.dtype, device=h.device).masked_fill_(~attend, float("-inf"))
+            mask = mask[:, None, None, :]
         for (norm1, qkv, out, norm2, gate_up, down), layer in zip(self.layers, cache_layers):
             q, k, v = qkv(norm1(h))
             q, k = q.view(rows, self.heads, d), k.view(rows, self.kv_heads, d)
@@ -102,12 +108,24 @@ class LlamaDecodeStep:
             k = k * cos + torch.cat((-k[..., half:], k[..., :half]), -1) * sin
             keys, values = layer.update(k[:, :, None], v.view(rows, self.kv_heads, 1, d))  # written in place
             # the query heads that share a key/value head become its query rows: no copy of the cache
-            o = F.scaled_dot_product_attention(q.view(rows, self.kv_heads, -1, d), keys, values, attn_mask=mask,
-                                               scale=self.scaling)
+            q = q.view(rows, self.kv_heads, -1, d)
+            if spans is not None:  # each row's own columns only
+                o = decode_attention(q, keys, values, *spans, self.scaling)
+            else:
+                o = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=self.scaling)
             h = h + out(o.reshape(rows, self.heads * d))
             gate, up = gate_up(norm2(h))
             h = h + down(F.silu(gate) * up)
         return self.head(self.final_norm(h))
+
+    @staticmethod
+    def _spans(attend: torch.Tensor):
+        """(start, stop) of the columns each row reads, where they are one run per row (as ``generate``
+        writes them: a row's prompt, then its tokens); None where a row's columns are not contiguous."""
+        columns = torch.arange(attend.shape[1], device=attend.device)
+        start = torch.where(attend, columns, attend.shape[1]).amin(-1)
+        stop = torch.where(attend, columns + 1, 0).amax(-1)
+        return (start, stop) if bool(((stop - start) == attend.sum(-1)).all() & (stop > start).all()) else None
 
 
 def _room_for_packed_copy(model) -> bool:

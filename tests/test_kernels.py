@@ -1,0 +1,148 @@
+"""aft.kernels: the C decode attention equals PyTorch's attention over each row's own columns, reads no
+other column, does not depend on the rows beside a row or the thread count, is built once, and is left
+out (PyTorch's attention instead) where it cannot be built or is turned off."""
+
+import copy
+import shutil
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from aft import kernels
+from aft.decode import LlamaDecodeStep, decode_step
+from aft.kernels import decode_attention, decode_attention_available
+
+pytestmark = pytest.mark.skipif(shutil.which("cc") is None, reason="needs a C compiler")
+
+
+def cache_and_spans(rows=7, heads=2, groups=3, head_dim=64, capacity=40, pool=9, seed=0):
+    """bf16 q, a pool x capacity cache of which a row reads [start, stop) (NaN in every other column), the
+    spans, and the float32 reference: SDPA with the spans as a mask on finite copies."""
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(rows, heads, groups, head_dim, generator=g).bfloat16()
+    keys = torch.randn(pool, heads, capacity, head_dim, generator=g).bfloat16()
+    values = torch.randn(pool, heads, capacity, head_dim, generator=g).bfloat16()
+    start = torch.randint(0, 12, (rows,), generator=g)
+    stop = start + torch.randint(1, 25, (rows,), generator=g)
+    columns = torch.arange(capacity)
+    attend = (columns >= start[:, None]) & (columns < stop[:, None])
+    mask = torch.zeros(rows, capacity).masked_fill(~attend, float("-inf"))[:, None, None]
+    reference = F.scaled_dot_product_attention(q.float(), keys[:rows].float(), values[:rows].float(), attn_mask=mask,
+                                               scale=head_dim ** -0.5)
+    outside = torch.cat([~attend, torch.ones(pool - rows, capacity, dtype=torch.bool)])[:, None, :, None]
+    keys.masked_fill_(outside, float("nan"))
+    values.masked_fill_(outside, float("nan"))
+    return q, keys, values, start, stop, reference, mask
+
+
+@pytest.mark.parametrize("groups,head_dim", [(3, 64), (2, 16)])
+def test_equals_attention_over_each_rows_own_columns_and_reads_no_other(groups, head_dim):
+    q, keys, values, start, stop, reference, mask = cache_and_spans(groups=groups, head_dim=head_dim)
+    got = decode_attention(q, keys[:7, :, :36], values[:7, :, :36], start, stop, head_dim ** -0.5)  # views
+    assert got.dtype == torch.bfloat16 and got.shape == q.shape
+    assert torch.isfinite(got).all()  # no NaN column was read
+    # float32 inside, one bf16 rounding at the end: within half a bf16 unit of the reference
+    assert torch.allclose(got.float(), reference, rtol=2 ** -8, atol=1e-3)
+    finite = (keys.nan_to_num(), values.nan_to_num())
+    sdpa = F.scaled_dot_product_attention(q, finite[0][:7], finite[1][:7], attn_mask=mask.bfloat16(),
+                                          scale=head_dim ** -0.5)
+    assert (got.float() - reference).abs().max() <= (sdpa.float() - reference).abs().max() + 1e-3
+
+
+def test_a_rows_result_depends_on_neither_the_rows_beside_it_nor_the_threads():
+    q, keys, values, start, stop, *_ = cache_and_spans(rows=9, pool=9)
+    together = decode_attention(q, keys, values, start, stop, 0.125)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        alone = [decode_attention(q[r:r + 1], keys[r:r + 1], values[r:r + 1], start[r:r + 1], stop[r:r + 1], 0.125)
+                 for r in range(9)]
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(together, torch.cat(alone))
+
+
+def test_bad_inputs_raise():
+    q, keys, values, start, stop, *_ = cache_and_spans()
+    with pytest.raises(ValueError, match="bfloat16"):
+        decode_attention(q.float(), keys, values, start, stop, 0.1)
+    with pytest.raises(ValueError, match="start < stop"):
+        decode_attention(q, keys, values, start, start, 0.1)  # a row with no column
+    with pytest.raises(ValueError, match="start < stop"):
+        decode_attention(q, keys[:, :, :10], values[:, :, :10], start, stop, 0.1)  # past the columns given
+    with pytest.raises(ValueError, match="do not fit"):
+        decode_attention(q, keys[:, :1], values[:, :1], start, stop, 0.1)
+
+
+def test_built_once_per_shape_into_the_kernel_folder(tmp_path, monkeypatch):
+    monkeypatch.setenv("AFT_KERNEL_DIR", str(tmp_path))
+    kernels._library.cache_clear()
+    try:
+        assert decode_attention_available(3, 64)
+        built = list(tmp_path.glob("decode_attention-*.so"))
+        assert len(built) == 1
+        stamp = built[0].stat().st_mtime_ns
+        kernels._library.cache_clear()  # a new process: loads the built library, no compiling
+
+        def no_compiling(*args, **kwargs):
+            raise AssertionError("compiled again")
+        monkeypatch.setattr(kernels.subprocess, "run", no_compiling)
+        assert decode_attention_available(3, 64) and built[0].stat().st_mtime_ns == stamp
+        with pytest.raises(AssertionError, match="compiled again"):
+            decode_attention_available(2, 64)  # another shape: its own library
+    finally:
+        kernels._library.cache_clear()
+
+
+@pytest.fixture
+def bf16_model(tokenizer):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=96, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=6, num_key_value_heads=2, tie_word_embeddings=True,
+                         pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+    torch.manual_seed(1)
+    return LlamaForCausalLM(config).eval().to(torch.bfloat16)
+
+
+def step_logits(model, attend, tokens=(5, 9, 11)):
+    """One fused decode step of 3 rows on a cache of random keys and values, reading ``attend``."""
+    from aft.generation import _new_cache
+
+    cache = _new_cache(model, attend.shape[1])
+    torch.manual_seed(2)
+    for layer in cache.layers:  # a cache filled as a prefill would, then the step writes its last column
+        layer.update(torch.randn(3, 2, attend.shape[1] - 1, 16).bfloat16(), torch.randn(3, 2, attend.shape[1] - 1, 16).bfloat16())
+    return decode_step(model)(torch.tensor(tokens), attend.sum(-1) - 1, cache.layers, attend)
+
+
+def test_the_bfloat16_step_uses_it_where_rows_read_one_run_of_columns(bf16_model, monkeypatch):
+    step = decode_step(bf16_model)
+    assert isinstance(step, LlamaDecodeStep) and step.kernel
+    calls = []
+    monkeypatch.setattr("aft.decode.decode_attention", lambda *a: calls.append(a) or decode_attention(*a))
+    attend = torch.ones(3, 9, dtype=torch.bool)
+    attend[0, :4] = attend[1, :2] = False  # left padding: each row's columns are one run
+    with_kernel = step_logits(bf16_model, attend)
+    assert len(calls) == 2  # one per layer
+    step.kernel = False
+    with_sdpa = step_logits(bf16_model, attend)
+    assert (with_kernel.float() - with_sdpa.float()).abs().max() < 0.05 * with_sdpa.float().abs().max()
+    step.kernel, calls[:] = True, []
+    attend[2, 3] = False  # a gap: PyTorch's attention with the mask
+    step_logits(bf16_model, attend)
+    assert not calls
+
+
+def test_turned_off_or_without_a_compiler_the_step_uses_pytorchs_attention(bf16_model, tmp_path, monkeypatch):
+    monkeypatch.setenv("AFT_KERNEL_DIR", str(tmp_path))  # nothing built there yet
+    try:
+        for name, value in (("AFT_KERNELS", "0"), ("CC", "no-such-compiler")):
+            with monkeypatch.context() as m:
+                m.setenv(name, value)
+                kernels._library.cache_clear()
+                assert not decode_step(copy.deepcopy(bf16_model)).kernel
+    finally:
+        kernels._library.cache_clear()
+    assert not list(tmp_path.glob("*.so"))
