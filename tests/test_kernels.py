@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from aft import kernels
 from aft.decode import LlamaDecodeStep, decode_step
-from aft.kernels import decode_attention, decode_attention_available
+from aft.kernels import Spans, decode_attention, decode_attention_available
 
 pytestmark = pytest.mark.skipif(shutil.which("cc") is None, reason="needs a C compiler")
 
@@ -39,7 +39,7 @@ def cache_and_spans(rows=7, heads=2, groups=3, head_dim=64, capacity=40, pool=9,
 @pytest.mark.parametrize("groups,head_dim", [(3, 64), (2, 16)])
 def test_equals_attention_over_each_rows_own_columns_and_reads_no_other(groups, head_dim):
     q, keys, values, start, stop, reference, mask = cache_and_spans(groups=groups, head_dim=head_dim)
-    got = decode_attention(q, keys[:7, :, :36], values[:7, :, :36], start, stop, head_dim ** -0.5)  # views
+    got = decode_attention(q, keys[:7, :, :36], values[:7, :, :36], Spans(start, stop), head_dim ** -0.5)  # views
     assert got.dtype == torch.bfloat16 and got.shape == q.shape
     assert torch.isfinite(got).all()  # no NaN column was read
     # float32 inside, one bf16 rounding at the end: within half a bf16 unit of the reference
@@ -52,27 +52,56 @@ def test_equals_attention_over_each_rows_own_columns_and_reads_no_other(groups, 
 
 def test_a_rows_result_depends_on_neither_the_rows_beside_it_nor_the_threads():
     q, keys, values, start, stop, *_ = cache_and_spans(rows=9, pool=9)
-    together = decode_attention(q, keys, values, start, stop, 0.125)
+    together = decode_attention(q, keys, values, Spans(start, stop), 0.125)
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
-        alone = [decode_attention(q[r:r + 1], keys[r:r + 1], values[r:r + 1], start[r:r + 1], stop[r:r + 1], 0.125)
+        alone = [decode_attention(q[r:r + 1], keys[r:r + 1], values[r:r + 1], Spans(start[r:r + 1], stop[r:r + 1]),
+                                  0.125)
                  for r in range(9)]
     finally:
         torch.set_num_threads(threads)
     assert torch.equal(together, torch.cat(alone))
 
 
+def test_siblings_read_their_shared_columns_from_the_source_row_and_get_the_same_result():
+    """Three prompts' samples, rows interleaved (as compaction leaves them): each row's first columns (its
+    prompt) are also in its prompt's source row. Reading them there gives exactly the same output, and only
+    there: the rows' own copies are NaN."""
+    q, keys, values, *_ = cache_and_spans(rows=9, pool=9, capacity=40)
+    g = torch.Generator().manual_seed(5)
+    keys, values = torch.randn(keys.shape, generator=g).bfloat16(), torch.randn(values.shape, generator=g).bfloat16()
+    prompt = torch.tensor([0, 1, 2, 0, 1, 2, 2, 0, 1])
+    first, length, begin = torch.tensor([0, 1, 2]), torch.tensor([5, 9, 14]), torch.tensor([3, 0, 2])
+    start, shared = begin[prompt], length[prompt]
+    stop = start + shared + torch.arange(1, 10)  # each row's generated columns after its prompt
+    for cache in (keys, values):  # a prompt's columns: one copy in each of its rows
+        for r in range(9):
+            cache[r, :, start[r]:start[r] + shared[r]] = cache[first[prompt[r]], :, start[r]:start[r] + shared[r]]
+    alone = decode_attention(q, keys, values, Spans(start, stop), 0.125)
+    for cache in (keys, values):  # the non-source rows' copies are not read
+        for r in range(3, 9):
+            cache[r, :, start[r]:start[r] + shared[r]] = float("nan")
+    spans = Spans(start, stop, (first[prompt], shared))
+    assert spans.order.tolist() == [0, 3, 7, 1, 4, 8, 2, 5, 6]  # a prompt's rows one after another
+    assert torch.equal(decode_attention(q, keys, values, spans, 0.125), alone)
+
+
 def test_bad_inputs_raise():
     q, keys, values, start, stop, *_ = cache_and_spans()
+    spans = Spans(start, stop)
     with pytest.raises(ValueError, match="bfloat16"):
-        decode_attention(q.float(), keys, values, start, stop, 0.1)
+        decode_attention(q.float(), keys, values, spans, 0.1)
     with pytest.raises(ValueError, match="start < stop"):
-        decode_attention(q, keys, values, start, start, 0.1)  # a row with no column
-    with pytest.raises(ValueError, match="start < stop"):
-        decode_attention(q, keys[:, :, :10], values[:, :, :10], start, stop, 0.1)  # past the columns given
+        Spans(start, start)  # a row with no column
+    with pytest.raises(ValueError, match="up to column"):
+        decode_attention(q, keys[:, :, :10], values[:, :, :10], spans, 0.1)  # past the columns given
     with pytest.raises(ValueError, match="do not fit"):
-        decode_attention(q, keys[:, :1], values[:, :1], start, stop, 0.1)
+        decode_attention(q, keys[:, :1], values[:, :1], spans, 0.1)
+    with pytest.raises(ValueError, match="source row"):
+        Spans(start, stop, (torch.full((7,), 7), torch.zeros(7)))  # not a row of the batch
+    with pytest.raises(ValueError, match="same column"):
+        Spans(start, stop, (torch.zeros(7), torch.zeros(7)))  # rows starting elsewhere than row 0
 
 
 def test_built_once_per_shape_into_the_kernel_folder(tmp_path, monkeypatch):
@@ -146,3 +175,17 @@ def test_turned_off_or_without_a_compiler_the_step_uses_pytorchs_attention(bf16_
     finally:
         kernels._library.cache_clear()
     assert not list(tmp_path.glob("*.so"))
+
+
+def test_generate_reads_a_prompts_columns_once_for_its_samples_with_the_same_samples(bf16_model, tokenizer,
+                                                                                      monkeypatch):
+    from aft import generation
+
+    prompts = ["Tom has 3 apples", "A box holds 12 pens. 5 boxes", "3 + 4 =", "Step"]
+    args = dict(k=3, temperature=1.0, max_new_tokens=12, seed=2, stops=(), batch_tokens=6 * 40)  # 2 prompts at once
+    made = []
+    monkeypatch.setattr("aft.decode.Spans", lambda *a: made.append(a) or Spans(*a))
+    shared = generation.generate(bf16_model, tokenizer, prompts, **args)
+    assert made and all(siblings is not None for *_, siblings in made)
+    monkeypatch.setattr(generation, "_siblings", lambda *a: None)  # every row reads its own copy
+    assert generation.generate(bf16_model, tokenizer, prompts, **args) == shared

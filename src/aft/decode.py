@@ -28,7 +28,7 @@ import weakref
 import torch
 import torch.nn.functional as F
 
-from aft.kernels import decode_attention, decode_attention_available
+from aft.kernels import Spans, decode_attention, decode_attention_available
 
 _steps: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
@@ -90,14 +90,15 @@ class LlamaDecodeStep:
                 projection(m.down_proj.weight)))
 
     @torch.no_grad()
-    def __call__(self, tokens, positions, cache_layers, attend: torch.Tensor) -> torch.Tensor:
+    def __call__(self, tokens, positions, cache_layers, attend: torch.Tensor, siblings=None) -> torch.Tensor:
         """``tokens`` and ``positions`` (rows,); ``cache_layers`` pre-allocated (``aft.generation``), the new
         keys and values written at their next column; ``attend`` (rows, columns + 1) bool, the cache columns
-        each row reads, the new one included. Returns (rows, vocab) logits."""
+        each row reads, the new one included; ``siblings`` (optional): ``(source, shared)``, row r's first shared[r]
+        columns are a copy of row source[r]'s (``aft.kernels.Spans``). Returns (rows, vocab) logits."""
         rows, d, half = tokens.shape[0], self.head_dim, self.head_dim // 2
         h = self.embed(tokens)
         cos, sin = self.rotary(h, positions[:, None])  # (rows, 1, d): broadcast over the heads
-        spans = self._spans(attend) if h.dtype == torch.bfloat16 and self.kernel else None
+        spans = self._spans(attend, siblings) if h.dtype == torch.bfloat16 and self.kernel else None
         if spans is None:  # an additive mask, made once for the step's layers: SDPA converts a boolean one
             mask = torch.zeros(attend.shape, dtype=h.dtype, device=h.device).masked_fill_(~attend, float("-inf"))
             mask = mask[:, None, None, :]
@@ -110,7 +111,7 @@ class LlamaDecodeStep:
             # the query heads that share a key/value head become its query rows: no copy of the cache
             q = q.view(rows, self.kv_heads, -1, d)
             if spans is not None:  # each row's own columns only
-                o = decode_attention(q, keys, values, *spans, self.scaling)
+                o = decode_attention(q, keys, values, spans, self.scaling)
             else:
                 o = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=self.scaling)
             h = h + out(o.reshape(rows, self.heads * d))
@@ -119,13 +120,15 @@ class LlamaDecodeStep:
         return self.head(self.final_norm(h))
 
     @staticmethod
-    def _spans(attend: torch.Tensor):
-        """(start, stop) of the columns each row reads, where they are one run per row (as ``generate``
+    def _spans(attend: torch.Tensor, siblings=None):
+        """The columns each row reads (``aft.kernels.Spans``), where they are one run per row (as ``generate``
         writes them: a row's prompt, then its tokens); None where a row's columns are not contiguous."""
         columns = torch.arange(attend.shape[1], device=attend.device)
         start = torch.where(attend, columns, attend.shape[1]).amin(-1)
         stop = torch.where(attend, columns + 1, 0).amax(-1)
-        return (start, stop) if bool(((stop - start) == attend.sum(-1)).all() & (stop > start).all()) else None
+        if not bool(((stop - start) == attend.sum(-1)).all() & (stop > start).all()):
+            return None
+        return Spans(start, stop, siblings)
 
 
 def _room_for_packed_copy(model) -> bool:

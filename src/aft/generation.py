@@ -273,6 +273,16 @@ def _prefill(model, ids, cache, first_row: int, k: int, grouped: bool, pad: int)
     return logits.repeat_interleave(k, 0), width
 
 
+def _siblings(seq: torch.Tensor, k: int, prompt_lengths: torch.Tensor):
+    """(source, shared) of each batch row: its prompt's columns are also in the first of its prompt's rows in
+    the batch (a prompt's keys and values are written into each of its k rows, at the same columns), so the
+    decode attention can read them once for the k samples."""
+    prompt = seq // k
+    first = torch.full((int(prompt.max()) + 1,), len(seq), device=seq.device).scatter_reduce_(
+        0, prompt, torch.arange(len(seq), device=seq.device), "amin")
+    return first[prompt], prompt_lengths[prompt]
+
+
 def _row_generator(seed: int, prompt: str, candidate: int) -> torch.Generator:
     digest = hashlib.blake2b(f"{seed}\0{candidate}\0{prompt}".encode(), digest_size=8).digest()
     return torch.Generator().manual_seed(int.from_bytes(digest, "little") >> 1)
@@ -376,6 +386,7 @@ def generate(model, tokenizer, prompts, k: int = 1, temperature: float = 0.0, to
         layer.pool = pool
     fused = decode_step(model) if fused_step and preallocated else None
     waiting = sorted(range(len(prompts)), key=lambda i: (len(ids[i]), i))
+    prompt_lengths = torch.tensor([len(x) for x in ids], device=device)
     left = [k] * len(prompts)                                # rows of a prompt still generating
     tokens = torch.full((n, max_new_tokens), pad, dtype=torch.long, device=device)
     length = torch.full((n,), max_new_tokens, dtype=torch.long, device=device)  # generated tokens kept
@@ -441,7 +452,8 @@ def generate(model, tokenizer, prompts, k: int = 1, temperature: float = 0.0, to
             for layer in cache.layers if preallocated else ():
                 layer.at, layer.length = (rows, column), end - 1
             if fused is not None:
-                logits = fused(nxt, position, cache.layers, attend[:len(seq), :end])
+                logits = fused(nxt, position, cache.layers, attend[:len(seq), :end],
+                               siblings=_siblings(seq, k, prompt_lengths) if k > 1 else None)
             else:
                 logits = model(input_ids=nxt[:, None], attention_mask=attend[:len(seq), :end].long(),
                                position_ids=position[:, None], cache=cache, use_cache=True).logits[:, -1]

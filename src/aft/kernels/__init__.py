@@ -90,7 +90,7 @@ def _library(groups: int, head_dim: int):
         logger.warning("could not load %s (decoding uses PyTorch's attention): %s", path, error)
         return None
     pointer, size = ctypes.c_void_p, ctypes.c_int64
-    function.argtypes = [pointer] * 6 + [size] * 8 + [ctypes.c_float, ctypes.c_int]
+    function.argtypes = [pointer] * 9 + [size] * 8 + [ctypes.c_float, ctypes.c_int]
     function.restype = ctypes.c_int
     return function
 
@@ -99,14 +99,43 @@ def decode_attention_available(groups: int, head_dim: int) -> bool:
     return _library(groups, head_dim) is not None
 
 
-def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, start: torch.Tensor,
-                     stop: torch.Tensor, scale: float) -> torch.Tensor:
-    """softmax(scale * q k^T) v of each row over its cache columns ``start[r] <= c < stop[r]`` only.
+class Spans:
+    """The cache columns each row reads, checked once for a decode step's layers.
+
+    Row r reads columns ``start[r] <= c < stop[r]``. ``siblings`` (optional): rows whose first columns hold
+    the same keys and values as another row's (a prompt's k samples), as ``(source, shared)``: row r may read
+    its first ``shared[r]`` columns from row ``source[r]`` (whose span starts at the same column); rows of one
+    source are then visited one after another, so those columns come from memory once."""
+
+    def __init__(self, start: torch.Tensor, stop: torch.Tensor, siblings=None):
+        self.start, self.stop = start.to(torch.int64).contiguous(), stop.to(torch.int64).contiguous()
+        rows = len(self.start)
+        if self.stop.shape != (rows,) or bool((self.start < 0).any() | (self.stop <= self.start).any()):
+            raise ValueError("each row needs 0 <= start < stop columns")
+        self.columns = int(self.stop.max()) if rows else 0
+        self.order = self.source = self.shared = None
+        if siblings is not None:
+            source, shared = (x.to(torch.int64).contiguous() for x in siblings)
+            if source.shape != (rows,) or shared.shape != (rows,) or bool(
+                    (source < 0).any() | (source >= rows).any() | (shared < 0).any()):
+                raise ValueError("siblings: a source row of the batch and a count >= 0 for each row")
+            if not torch.equal(self.start[source], self.start):
+                raise ValueError("siblings: a row and its source row must start at the same column")
+            self.order = torch.argsort(source, stable=True)  # a source's rows together
+            self.source, self.shared = source, shared
+
+    def __len__(self):
+        return len(self.start)
+
+
+def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, spans: Spans,
+                     scale: float) -> torch.Tensor:
+    """softmax(scale * q k^T) v of each row over its cache columns (``spans``) only.
 
     ``q`` (rows, kv_heads, G, D) bfloat16; ``keys`` / ``values`` (rows or more, kv_heads, columns, D) bfloat16
-    on the CPU, last dimension contiguous (views of a larger cache are read in place); ``start`` / ``stop``
-    (rows,) int64. Returns (rows, kv_heads, G, D) bfloat16. Raises where the kernel is unavailable
-    (``decode_attention_available``) or the inputs do not fit it."""
+    on the CPU, last dimension contiguous (views of a larger cache are read in place). Returns (rows,
+    kv_heads, G, D) bfloat16. Raises where the kernel is unavailable (``decode_attention_available``) or the
+    inputs do not fit it."""
     rows, heads, groups, head_dim = q.shape
     function = _library(groups, head_dim)
     if function is None:
@@ -117,14 +146,14 @@ def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, 
     if keys.shape[1:] != values.shape[1:] or keys.shape[1] != heads or keys.shape[3] != head_dim or \
             keys.shape[0] < rows or values.shape[0] < rows or keys.stride(3) != 1 or values.stride(3) != 1:
         raise ValueError(f"keys {tuple(keys.shape)} / values {tuple(values.shape)} do not fit q {tuple(q.shape)}")
-    start, stop = start.to(torch.int64).contiguous(), stop.to(torch.int64).contiguous()
-    if start.shape != (rows,) or stop.shape != (rows,) or bool((start < 0).any() | (stop <= start).any() |
-                                                                (stop > keys.shape[2]).any()):
-        raise ValueError(f"each row needs 0 <= start < stop <= {keys.shape[2]} columns")
+    if len(spans) != rows or spans.columns > keys.shape[2]:
+        raise ValueError(f"spans of {len(spans)} rows up to column {spans.columns} for {rows} rows of "
+                         f"{keys.shape[2]} columns")
     q, out = q.contiguous(), torch.empty_like(q, memory_format=torch.contiguous_format)
-    failed = function(q.data_ptr(), keys.data_ptr(), values.data_ptr(), out.data_ptr(), start.data_ptr(),
-                      stop.data_ptr(), rows, heads, *keys.stride()[:3], *values.stride()[:3], scale,
-                      torch.get_num_threads())
+    pointer = lambda x: None if x is None else x.data_ptr()  # noqa: E731
+    failed = function(q.data_ptr(), keys.data_ptr(), values.data_ptr(), out.data_ptr(), spans.start.data_ptr(),
+                      spans.stop.data_ptr(), pointer(spans.order), pointer(spans.source), pointer(spans.shared),
+                      rows, heads, *keys.stride()[:3], *values.stride()[:3], scale, torch.get_num_threads())
     if failed:
         raise MemoryError("decode attention: no memory for its scores")
     return out

@@ -43,24 +43,33 @@ static inline uint16_t to_bf16(float f) {
 typedef struct {
     const uint16_t *q, *k, *v;
     uint16_t *out;
-    const int64_t *start, *stop;
+    const int64_t *start, *stop, *order, *source, *shared;
     int64_t kv_heads, k_row, k_head, k_col, v_row, v_head, v_col;
     float scale;
-    int64_t first, last; /* rows of this slice */
+    int64_t first, last; /* this slice: order[first] ... order[last - 1] */
 } Job;
 
+/* Column c of a row's span: its first m columns from the sibling row's copy (`from`), the rest its own. */
+static inline const uint16_t *column(const uint16_t *from, const uint16_t *own, int64_t m, int64_t c, int64_t stride) {
+    return (c < m ? from : own) + c * stride;
+}
+
 static void one_head(const Job *j, int64_t r, int64_t h, float *s) {
-    const int64_t a = j->start[r], n = j->stop[r] - a;
+    const int64_t a = j->start[r], n = j->stop[r] - a, src = j->source ? j->source[r] : r;
+    const int64_t m = j->shared ? (j->shared[r] < n ? j->shared[r] : n) : 0;
     const uint16_t *q = j->q + (r * j->kv_heads + h) * G * D;
     const uint16_t *k = j->k + r * j->k_row + h * j->k_head + a * j->k_col;
     const uint16_t *v = j->v + r * j->v_row + h * j->v_head + a * j->v_col;
+    const uint16_t *k_from = j->k + src * j->k_row + h * j->k_head + a * j->k_col;
+    const uint16_t *v_from = j->v + src * j->v_row + h * j->v_head + a * j->v_col;
     uint16_t *out = j->out + (r * j->kv_heads + h) * G * D;
     float qf[G][D], row[D], acc[G][D], best[G], total[G];
     for (int g = 0; g < G; g++)
         for (int i = 0; i < D; i++) qf[g][i] = from_bf16(q[g * D + i]) * j->scale;
     for (int64_t c = 0; c < n; c++) {
-        for (int i = 0; i < D; i += 32) __builtin_prefetch(k + (c + AHEAD) * j->k_col + i); /* 64-byte lines */
-        for (int i = 0; i < D; i++) row[i] = from_bf16(k[c * j->k_col + i]);
+        const uint16_t *ahead = column(k_from, k, m, c + AHEAD, j->k_col), *kc = column(k_from, k, m, c, j->k_col);
+        for (int i = 0; i < D; i += 32) __builtin_prefetch(ahead + i); /* 64-byte lines */
+        for (int i = 0; i < D; i++) row[i] = from_bf16(kc[i]);
         for (int g = 0; g < G; g++) {
             float dot = 0.f;
             for (int i = 0; i < D; i++) dot += qf[g][i] * row[i];
@@ -79,8 +88,9 @@ static void one_head(const Job *j, int64_t r, int64_t h, float *s) {
         for (int i = 0; i < D; i++) acc[g][i] = 0.f;
     }
     for (int64_t c = 0; c < n; c++) {
-        for (int i = 0; i < D; i += 32) __builtin_prefetch(v + (c + AHEAD) * j->v_col + i);
-        for (int i = 0; i < D; i++) row[i] = from_bf16(v[c * j->v_col + i]);
+        const uint16_t *ahead = column(v_from, v, m, c + AHEAD, j->v_col), *vc = column(v_from, v, m, c, j->v_col);
+        for (int i = 0; i < D; i += 32) __builtin_prefetch(ahead + i);
+        for (int i = 0; i < D; i++) row[i] = from_bf16(vc[i]);
         for (int g = 0; g < G; g++) {
             const float p = s[g * n + c];
             for (int i = 0; i < D; i++) acc[g][i] += p * row[i];
@@ -92,21 +102,27 @@ static void one_head(const Job *j, int64_t r, int64_t h, float *s) {
 
 static int run_slice(const Job *j) {
     int64_t longest = 1;
-    for (int64_t r = j->first; r < j->last; r++)
+    for (int64_t i = j->first; i < j->last; i++) {
+        const int64_t r = j->order ? j->order[i] : i;
         if (j->stop[r] - j->start[r] > longest) longest = j->stop[r] - j->start[r];
+    }
     float *s = (float *)malloc(sizeof(float) * G * longest);
     if (s == NULL) return 1;
-    for (int64_t r = j->first; r < j->last; r++)
-        for (int64_t h = 0; h < j->kv_heads; h++) one_head(j, r, h, s);
+    for (int64_t i = j->first; i < j->last; i++)
+        for (int64_t h = 0; h < j->kv_heads; h++) one_head(j, j->order ? j->order[i] : i, h, s);
     free(s);
     return 0;
 }
 
-/* Returns 0, or 1 where a slice's scratch memory could not be had (the output is then incomplete). */
+/* Rows are visited in `order` (NULL: 0, 1, ...). With `source` and `shared` (NULL: none), row r reads the
+   first shared[r] columns of its span from row source[r], which holds the same keys and values there (the k
+   samples of one prompt: aft.generation writes the prompt's once into each of its rows): visited one after
+   the other, a prompt's samples read its columns from memory once and then from the core's cache.
+   Returns 0, or 1 where a slice's scratch memory could not be had (the output is then incomplete). */
 int decode_attention(const uint16_t *q, const uint16_t *k, const uint16_t *v, uint16_t *out,
-                     const int64_t *start, const int64_t *stop, int64_t rows, int64_t kv_heads,
-                     int64_t k_row, int64_t k_head, int64_t k_col, int64_t v_row, int64_t v_head, int64_t v_col,
-                     float scale, int threads) {
+                     const int64_t *start, const int64_t *stop, const int64_t *order, const int64_t *source,
+                     const int64_t *shared, int64_t rows, int64_t kv_heads, int64_t k_row, int64_t k_head,
+                     int64_t k_col, int64_t v_row, int64_t v_head, int64_t v_col, float scale, int threads) {
     if (threads < 1) threads = 1;
     int64_t work = 0;
     for (int64_t i = 0; i < rows; i++) work += stop[i] - start[i] + 1;
@@ -116,12 +132,13 @@ int decode_attention(const uint16_t *q, const uint16_t *k, const uint16_t *v, ui
 #pragma omp parallel num_threads(threads) reduction(| : failed)
     {
         const int t = omp_get_thread_num(), n = omp_get_num_threads();
-        Job j = {q, k, v, out, start, stop, kv_heads, k_row, k_head, k_col, v_row, v_head, v_col, scale, 0, 0};
-        int64_t done = 0, r = 0; /* slice t: the rows after the first t shares of the columns */
-        for (; r < rows && done < work * t / n; r++) done += stop[r] - start[r] + 1;
-        j.first = r;
-        for (; r < rows && done < work * (t + 1) / n; r++) done += stop[r] - start[r] + 1;
-        j.last = t == n - 1 ? rows : r;
+        Job j = {q, k, v, out, start, stop, order, source, shared, kv_heads, k_row, k_head, k_col, v_row, v_head,
+                 v_col, scale, 0, 0};
+        int64_t done = 0, i = 0; /* slice t: the rows (in order) after the first t shares of the columns */
+        for (; i < rows && done < work * t / n; i++) done += stop[order ? order[i] : i] - start[order ? order[i] : i] + 1;
+        j.first = i;
+        for (; i < rows && done < work * (t + 1) / n; i++) done += stop[order ? order[i] : i] - start[order ? order[i] : i] + 1;
+        j.last = t == n - 1 ? rows : i;
         failed |= run_slice(&j);
     }
     return failed;
