@@ -41,3 +41,19 @@ def checkpoint(tmp_path_factory, tokenizer):
     build_model(tokenizer, size="test", seed=0).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return str(folder)
+
+
+@pytest.fixture
+def make_llama(tokenizer):
+    """A tiny LlamaForCausalLM of the test tokenizer's vocabulary whose ``heads`` query heads share
+    ``kv_heads`` key/value heads (as SmolLM2's 9 share 3), in eval mode."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    def make(hidden_size, intermediate_size, heads, kv_heads, seed):
+        config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=intermediate_size,
+                             num_hidden_layers=2, num_attention_heads=heads, num_key_value_heads=kv_heads,
+                             tie_word_embeddings=True, pad_token_id=tokenizer.pad_token_id,
+                             eos_token_id=tokenizer.eos_token_id)
+        torch.manual_seed(seed)
+        return LlamaForCausalLM(config).eval()
+    return make

@@ -5,7 +5,6 @@ import copy
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from aft.decode import LlamaDecodeStep, decode_step, projection
 from aft.generation import _new_cache, generate
@@ -14,13 +13,9 @@ PROMPTS = ["Tom has 3 apples", "A box holds 12 pens. 5 boxes", "3 + 4 =", "Step"
 
 
 @pytest.fixture
-def gqa_model(tokenizer):
-    """A tiny Llama whose 4 query heads share 2 key/value heads (as SmolLM2's 9 share 3), lively weights."""
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
-                         pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
-    torch.manual_seed(3)
-    model = LlamaForCausalLM(config).eval()
+def gqa_model(make_llama):
+    """A tiny Llama whose 4 query heads share 2 key/value heads, lively weights."""
+    model = make_llama(32, 48, heads=4, kv_heads=2, seed=3)
     with torch.no_grad():
         for p in model.parameters():
             if p.dim() == 2:

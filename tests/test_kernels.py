@@ -125,14 +125,8 @@ def test_built_once_per_shape_into_the_kernel_folder(tmp_path, monkeypatch):
 
 
 @pytest.fixture
-def bf16_model(tokenizer):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=96, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=6, num_key_value_heads=2, tie_word_embeddings=True,
-                         pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
-    torch.manual_seed(1)
-    return LlamaForCausalLM(config).eval().to(torch.bfloat16)
+def bf16_model(make_llama):
+    return make_llama(96, 128, heads=6, kv_heads=2, seed=1).to(torch.bfloat16)  # 3 query heads a kv head
 
 
 def step_logits(model, attend, tokens=(5, 9, 11)):
