@@ -453,7 +453,7 @@ def generate(model, tokenizer, prompts, k: int = 1, temperature: float = 0.0, to
                 layer.at, layer.length = (rows, column), end - 1
             if fused is not None:
                 logits = fused(nxt, position, cache.layers, attend[:len(seq), :end],
-                               siblings=_siblings(seq, k, prompt_lengths) if k > 1 else None)
+                               siblings=_siblings(seq, k, prompt_lengths) if k > 1 and fused.kernel else None)
             else:
                 logits = model(input_ids=nxt[:, None], attention_mask=attend[:len(seq), :end].long(),
                                position_ids=position[:, None], cache=cache, use_cache=True).logits[:, -1]
