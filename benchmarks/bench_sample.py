@@ -62,8 +62,7 @@ def main():
 
 
 def tiny(a):
-    from aft.decode import decode_step
-    from aft.generation import generate, plan_batches, plan_calls
+    from aft.generation import generate, plan_batches
     tok = common.tokenizer()
     model = common.model(tok).eval()
     rng = random.Random(0)

@@ -98,7 +98,7 @@ class LlamaDecodeStep:
         rows, d, half = tokens.shape[0], self.head_dim, self.head_dim // 2
         h = self.embed(tokens)
         cos, sin = self.rotary(h, positions[:, None])  # (rows, 1, d): broadcast over the heads
-        spans = self._spans(attend, siblings) if h.dtype == torch.bfloat16 and self.kernel else None
+        spans = self._spans(attend, siblings) if self.kernel else None  # kernel: a bf16 model's step
         if spans is None:  # an additive mask, made once for the step's layers: SDPA converts a boolean one
             mask = torch.zeros(attend.shape, dtype=h.dtype, device=h.device).masked_fill_(~attend, float("-inf"))
             mask = mask[:, None, None, :]

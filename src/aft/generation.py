@@ -407,7 +407,7 @@ def generate(model, tokenizer, prompts, k: int = 1, temperature: float = 0.0, to
         new = torch.tensor([i * k + c for i in chosen for c in range(k)], device=device)
         seq, made = torch.cat([seq, new]), torch.cat([made, torch.zeros_like(new)])
         column = torch.cat([column, torch.full_like(new, end)])
-        position = torch.cat([position, torch.tensor([len(ids[i]) for i in chosen], device=device).repeat_interleave(k)])
+        position = torch.cat([position, prompt_lengths[chosen].repeat_interleave(k)])
         finished = torch.cat([finished, torch.zeros_like(new, dtype=torch.bool)])
         if temperature > 0:
             generators.extend(_row_generator(seed, prompts[i], c) for i in chosen for c in range(k))

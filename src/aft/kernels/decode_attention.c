@@ -100,16 +100,19 @@ static void one_head(const Job *j, int64_t r, int64_t h, float *s) {
         for (int i = 0; i < D; i++) out[g * D + i] = to_bf16(acc[g][i] / total[g]);
 }
 
+/* The row visited i-th: order[i], or i where no order is given. */
+static inline int64_t visited(const int64_t *order, int64_t i) { return order ? order[i] : i; }
+
 static int run_slice(const Job *j) {
     int64_t longest = 1;
     for (int64_t i = j->first; i < j->last; i++) {
-        const int64_t r = j->order ? j->order[i] : i;
+        const int64_t r = visited(j->order, i);
         if (j->stop[r] - j->start[r] > longest) longest = j->stop[r] - j->start[r];
     }
     float *s = (float *)malloc(sizeof(float) * G * longest);
     if (s == NULL) return 1;
     for (int64_t i = j->first; i < j->last; i++)
-        for (int64_t h = 0; h < j->kv_heads; h++) one_head(j, j->order ? j->order[i] : i, h, s);
+        for (int64_t h = 0; h < j->kv_heads; h++) one_head(j, visited(j->order, i), h, s);
     free(s);
     return 0;
 }
@@ -135,9 +138,9 @@ int decode_attention(const uint16_t *q, const uint16_t *k, const uint16_t *v, ui
         Job j = {q, k, v, out, start, stop, order, source, shared, kv_heads, k_row, k_head, k_col, v_row, v_head,
                  v_col, scale, 0, 0};
         int64_t done = 0, i = 0; /* slice t: the rows (in order) after the first t shares of the columns */
-        for (; i < rows && done < work * t / n; i++) done += stop[order ? order[i] : i] - start[order ? order[i] : i] + 1;
+        for (; i < rows && done < work * t / n; i++) done += stop[visited(order, i)] - start[visited(order, i)] + 1;
         j.first = i;
-        for (; i < rows && done < work * (t + 1) / n; i++) done += stop[order ? order[i] : i] - start[order ? order[i] : i] + 1;
+        for (; i < rows && done < work * (t + 1) / n; i++) done += stop[visited(order, i)] - start[visited(order, i)] + 1;
         j.last = t == n - 1 ? rows : i;
         failed |= run_slice(&j);
     }
