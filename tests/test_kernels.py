@@ -171,6 +171,19 @@ def test_turned_off_or_without_a_compiler_the_step_uses_pytorchs_attention(bf16_
     assert not list(tmp_path.glob("*.so"))
 
 
+def test_a_kernel_folder_that_cannot_be_written_leaves_pytorchs_attention(bf16_model, tmp_path, monkeypatch):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    monkeypatch.setenv("AFT_KERNEL_DIR", str(blocker / "kernels"))  # its parent is a file: mkdir fails
+    kernels._library.cache_clear()
+    try:
+        assert not decode_attention_available(3, 16)
+        assert not decode_step(copy.deepcopy(bf16_model)).kernel
+    finally:
+        kernels._library.cache_clear()
+    assert blocker.read_text() == "not a folder"
+
+
 def test_generate_reads_a_prompts_columns_once_for_its_samples_with_the_same_samples(bf16_model, tokenizer,
                                                                                       monkeypatch):
     from aft import generation

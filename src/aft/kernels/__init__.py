@@ -74,16 +74,21 @@ def _library(groups: int, head_dim: int):
         if shutil.which(compiler) is None:
             logger.info("no C compiler (%s): decoding uses PyTorch's attention", compiler)
             return None
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=path.parent) as tmp:  # built aside, then moved: never half a file
-            built = Path(tmp) / path.name
-            run = subprocess.run([compiler, *FLAGS, *defines, str(SOURCE), "-o", str(built), "-lm"],
-                                 capture_output=True, text=True)
-            if run.returncode != 0:
-                logger.warning("could not compile %s (decoding uses PyTorch's attention):\n%s", SOURCE.name,
-                               run.stderr[-2000:])
-                return None
-            os.replace(built, path)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryDirectory(dir=path.parent) as tmp:  # built aside, then moved: never half a file
+                built = Path(tmp) / path.name
+                run = subprocess.run([compiler, *FLAGS, *defines, str(SOURCE), "-o", str(built), "-lm"],
+                                     capture_output=True, text=True)
+                if run.returncode != 0:
+                    logger.warning("could not compile %s (decoding uses PyTorch's attention):\n%s", SOURCE.name,
+                                   run.stderr[-2000:])
+                    return None
+                os.replace(built, path)
+        except OSError as error:  # a kernel folder that cannot be written (AFT_KERNEL_DIR, a read-only home)
+            logger.warning("could not build %s in %s (decoding uses PyTorch's attention): %s", SOURCE.name,
+                           path.parent, error)
+            return None
     try:
         function = ctypes.CDLL(str(path)).decode_attention
     except OSError as error:
