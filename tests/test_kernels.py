@@ -1,6 +1,7 @@
 """aft.kernels: the C decode attention equals PyTorch's attention over each row's own columns, reads no
 other column, does not depend on the rows beside a row or the thread count, is built once, and is left
-out (PyTorch's attention instead) where it cannot be built or is turned off."""
+out (PyTorch's attention instead) where it cannot be built or is turned off; the element-wise kernels give
+the model's own norm, rotary embedding and SiLU product in bfloat16."""
 
 import copy
 import shutil
@@ -52,7 +53,7 @@ def test_equals_attention_over_each_rows_own_columns_and_reads_no_other(groups, 
 
 @pytest.mark.parametrize("sharpness", [0.01, 1.0, 40.0])
 def test_softmax_stays_exact_from_flat_to_one_hot_scores(sharpness):
-    """The kernel's exp is a polynomial (exp_nonpositive): scores spread over hundreds (most of the exp
+    """The kernel's exp is a polynomial (exp_poly): scores spread over hundreds (most of the exp
     terms below its -87 cut, so 0) or nearly equal still give the fp32 attention within half a bf16 unit."""
     q, keys, values, start, stop, _, mask = cache_and_spans(seed=3)
     q = (q.float() * sharpness).bfloat16()
@@ -135,6 +136,64 @@ def test_built_once_per_shape_into_the_kernel_folder(tmp_path, monkeypatch):
             decode_attention_available(2, 64)  # another shape: its own library
     finally:
         kernels._library.cache_clear()
+
+
+@pytest.mark.parametrize("width", [96, 101])  # 101: a row's last elements past the 16-wide loop
+def test_add_rms_norm_is_the_residual_add_and_the_models_own_norm(width):
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    norm = LlamaRMSNorm(width, eps=1e-5).to(torch.bfloat16)
+    with torch.no_grad():
+        norm.weight.normal_()
+    g = torch.Generator().manual_seed(4)
+    h, delta = (torch.randn(33, width, generator=g).mul(3).bfloat16() for _ in range(2))
+    expected_h = h + delta
+    got = kernels.add_rms_norm(h, delta, norm.weight, norm.variance_epsilon)
+    assert torch.equal(h, expected_h)  # the sum, written into h: bf16(h + delta) as PyTorch rounds it
+    with torch.no_grad():
+        reference = norm(expected_h)
+    assert torch.equal(got, reference)
+    again = kernels.add_rms_norm(h, None, norm.weight, norm.variance_epsilon)  # no delta: h left as it was
+    assert torch.equal(h, expected_h) and torch.equal(again, reference)
+
+
+@pytest.mark.parametrize("width", [64, 77])
+def test_silu_mul_is_silu_of_the_gate_times_up(width):
+    g = torch.Generator().manual_seed(6)
+    stacked = torch.randn(40, 2 * width, generator=g).mul(6).bfloat16()
+    stacked[0, :4] = torch.tensor([-100.0, 100.0, 0.0, float("nan")])  # exp's cuts and NaN
+    gate, up = stacked.split(width, -1)  # views of one product, as the step's gate and up are
+    got, reference = kernels.silu_mul(gate, up), F.silu(gate) * up
+    # the same bf16 roundings; exp is a polynomial, not PyTorch's, so a rare value may differ by one unit
+    same = (got == reference) | (got.isnan() & reference.isnan())
+    assert same.float().mean() > 0.99 and torch.isnan(got[0, 3])
+    assert torch.allclose(got.float(), reference.float(), rtol=2 ** -7, atol=0, equal_nan=True)
+
+
+@pytest.mark.parametrize("head_dim", [64, 24])  # 24: halves of 12, not a multiple of 16
+def test_rotary_is_transformers_rotary_embedding_in_bf16(head_dim):
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    g = torch.Generator().manual_seed(8)
+    heads, rows = 5, 11
+    projected = torch.randn(rows, (heads + 4) * head_dim, generator=g).bfloat16()
+    x = projected[:, :heads * head_dim]  # a view with the row stride of the stacked product
+    cos, sin = (torch.randn(rows, head_dim, generator=g).bfloat16() for _ in range(2))
+    heads_first = x.reshape(rows, heads, head_dim).transpose(0, 1)[None]  # (1, heads, rows, d): transformers' layout
+    reference, _ = apply_rotary_pos_emb(heads_first, heads_first, cos[None], sin[None])
+    assert torch.equal(kernels.rotary(x, cos, sin, heads), reference[0].transpose(0, 1))
+
+
+def test_pointwise_kernels_refuse_what_they_cannot_read():
+    x = torch.randn(4, 32).bfloat16()
+    with pytest.raises(ValueError, match="bfloat16"):
+        kernels.add_rms_norm(x.float(), None, torch.ones(32).bfloat16(), 1e-5)
+    with pytest.raises(ValueError, match="weight"):
+        kernels.add_rms_norm(x, None, torch.ones(31).bfloat16(), 1e-5)
+    with pytest.raises(ValueError, match="one shape"):
+        kernels.silu_mul(x[:, :16], torch.randn(4, 8).bfloat16())
+    with pytest.raises(ValueError, match="rotary"):
+        kernels.rotary(x, torch.ones(4, 16).bfloat16(), torch.ones(4, 16).bfloat16(), 3)
 
 
 @pytest.fixture

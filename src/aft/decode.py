@@ -12,7 +12,10 @@ matrix products; this step does the same arithmetic with less around it:
 - the normalisations, the rotary embedding (the model's own ``rotary_emb``) and the attention
   (``scaled_dot_product_attention`` with the query heads of a key/value head packed together, as
   transformers does for one query token) are the model's arithmetic in the model's order, so in float32
-  the logits equal the model's forward (``tests/test_decode.py``).
+  the logits equal the model's forward (``tests/test_decode.py``);
+- in bfloat16, where a C compiler is at hand, the attention reads only each row's own cache columns and the
+  norms, residual adds, rotary embedding and SiLU run as one pass per row each (``aft.kernels``), with
+  PyTorch's arithmetic and roundings.
 
 It reads and writes the pre-allocated cache of ``aft.generation`` and is used only where ``supports`` says
 so: a ``LlamaForCausalLM`` on a CPU, without attention dropout or biases, SiLU, one tensor-parallel slice.
@@ -28,7 +31,8 @@ import weakref
 import torch
 import torch.nn.functional as F
 
-from aft.kernels import Spans, decode_attention, decode_attention_available
+from aft.kernels import (Spans, add_rms_norm, decode_attention, decode_attention_available,
+                         pointwise_available, rotary, silu_mul)
 
 _steps: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
@@ -74,8 +78,9 @@ class LlamaDecodeStep:
         self.heads, self.kv_heads, self.head_dim = c.num_attention_heads, c.num_key_value_heads, attention.head_dim
         self.scaling, self.rotary, self.embed = attention.scaling, inner.rotary_emb, inner.embed_tokens
         self.final_norm = inner.norm
-        # bfloat16 attention over each row's own columns, in C (aft.kernels); else PyTorch's SDPA
-        self.kernel = (next(model.parameters()).dtype == torch.bfloat16
+        # bfloat16: attention over each row's own columns and the element-wise work in C (aft.kernels); else
+        # (float32, or no C compiler) PyTorch's SDPA and operators, the model's own arithmetic
+        self.kernel = (next(model.parameters()).dtype == torch.bfloat16 and pointwise_available()
                        and decode_attention_available(self.heads // self.kv_heads, self.head_dim))
         self.head = projection(model.get_output_embeddings().weight)
         self.layers = []
@@ -95,18 +100,17 @@ class LlamaDecodeStep:
         keys and values written at their next column; ``attend`` (rows, columns + 1) bool, the cache columns
         each row reads, the new one included; ``siblings`` (optional): ``(source, shared)``, row r's first shared[r]
         columns are a copy of row source[r]'s (``aft.kernels.Spans``). Returns (rows, vocab) logits."""
-        rows, d, half = tokens.shape[0], self.head_dim, self.head_dim // 2
+        rows, d = tokens.shape[0], self.head_dim
         h = self.embed(tokens)
         cos, sin = self.rotary(h, positions[:, None])  # (rows, 1, d): broadcast over the heads
         spans = self._spans(attend, siblings) if self.kernel else None  # kernel: a bf16 model's step
         if spans is None:  # an additive mask, made once for the step's layers: SDPA converts a boolean one
             mask = torch.zeros(attend.shape, dtype=h.dtype, device=h.device).masked_fill_(~attend, float("-inf"))
             mask = mask[:, None, None, :]
-        for (norm1, qkv, out, norm2, gate_up, down), layer in zip(self.layers, cache_layers):
-            q, k, v = qkv(norm1(h))
-            q, k = q.view(rows, self.heads, d), k.view(rows, self.kv_heads, d)
-            q = q * cos + torch.cat((-q[..., half:], q[..., :half]), -1) * sin
-            k = k * cos + torch.cat((-k[..., half:], k[..., :half]), -1) * sin
+        h, normed = self._add_norm(h, None, self.layers[0][0])
+        for i, ((_, qkv, out, norm2, gate_up, down), layer) in enumerate(zip(self.layers, cache_layers)):
+            q, k, v = qkv(normed)
+            q, k = self._rotate(q, cos, sin, self.heads), self._rotate(k, cos, sin, self.kv_heads)
             keys, values = layer.update(k[:, :, None], v.view(rows, self.kv_heads, 1, d))  # written in place
             # the query heads that share a key/value head become its query rows: no copy of the cache
             q = q.view(rows, self.kv_heads, -1, d)
@@ -114,10 +118,26 @@ class LlamaDecodeStep:
                 o = decode_attention(q, keys, values, spans, self.scaling)
             else:
                 o = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=self.scaling)
-            h = h + out(o.reshape(rows, self.heads * d))
-            gate, up = gate_up(norm2(h))
-            h = h + down(F.silu(gate) * up)
-        return self.head(self.final_norm(h))
+            h, normed = self._add_norm(h, out(o.reshape(rows, self.heads * d)), norm2)
+            gate, up = gate_up(normed)
+            after = self.layers[i + 1][0] if i + 1 < len(self.layers) else self.final_norm
+            h, normed = self._add_norm(h, down(silu_mul(gate, up) if self.kernel else F.silu(gate) * up), after)
+        return self.head(normed)
+
+    def _add_norm(self, h, delta, norm):
+        """(h + delta, norm(h + delta)): the residual stream and its normalisation (``delta`` None: h's). With
+        the C kernels the sum is written into h, in one pass with the norm."""
+        if self.kernel:
+            return h, add_rms_norm(h, delta, norm.weight, norm.variance_epsilon)
+        h = h if delta is None else h + delta
+        return h, norm(h)
+
+    def _rotate(self, x, cos, sin, heads):
+        """The rotary embedding of (rows, heads * d) x: (rows, heads, d)."""
+        if self.kernel:
+            return rotary(x, cos[:, 0], sin[:, 0], heads)
+        x, half = x.view(x.shape[0], heads, self.head_dim), self.head_dim // 2
+        return x * cos + torch.cat((-x[..., half:], x[..., :half]), -1) * sin
 
     @staticmethod
     def _spans(attend: torch.Tensor, siblings=None):

@@ -6,11 +6,15 @@ batch's furthest column and spends most of its time on per-(row, head) overhead 
 bfloat16 decode step of SmolLM2-135M it was about half the step. The kernel reads only each row's columns,
 with a software prefetch.
 
-The shared library is built once per source, head shape and machine, with ``cc -O3 -march=native`` (the
+``add_rms_norm``, ``silu_mul``, ``rotary``: the element-wise work between the step's matrix products, one
+pass per row each (``decode_pointwise.c``), with PyTorch's arithmetic and roundings; in PyTorch's operators
+it had been about a quarter of the step.
+
+Each shared library is built once per source, head shape and machine, with ``cc -O3 -march=native`` (the
 compiler ``CC`` names, else ``cc``) and OpenMP, into ``$AFT_KERNEL_DIR``, else ``$XDG_CACHE_HOME/aft/kernels``
 (else ``~/.cache/aft/kernels``). Where it cannot be built or loaded (no compiler, another OS,
-``AFT_KERNELS=0``) ``decode_attention_available`` says so and the decode step uses PyTorch's own attention:
-a missing compiler costs speed, never a result.
+``AFT_KERNELS=0``) ``decode_attention_available`` / ``pointwise_available`` say so and the decode step uses
+PyTorch's own operators: a missing compiler costs speed, never a result.
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ from pathlib import Path
 import torch
 
 logger = logging.getLogger(__name__)
-SOURCE = Path(__file__).with_name("decode_attention.c")
+HERE = Path(__file__).parent
 # -march=native: the library is built on, and only for, the machine it runs on (the cache key says which).
 # Reassociation lets the loops over the head dimension vectorise; no -ffast-math, so infinities and NaN
 # keep their meaning.
@@ -60,48 +64,67 @@ def _machine() -> str:
     return "\n".join([platform.machine(), platform.processor(), *lines])
 
 
+_pointer, _size = ctypes.c_void_p, ctypes.c_int64
+SIGNATURES = {  # argument types of each C function
+    "decode_attention": [_pointer] * 9 + [_size] * 8 + [ctypes.c_float, ctypes.c_int],
+    "add_rms_norm": [_pointer] * 4 + [_size] * 2 + [ctypes.c_float, ctypes.c_int],
+    "silu_mul": [_pointer, _pointer, _size, _pointer, _size, _size, ctypes.c_int],
+    "rotary": [_pointer, _size, _pointer, _pointer, _pointer, _size, _size, _size, ctypes.c_int],
+}
+
+
 @functools.cache
-def _library(groups: int, head_dim: int):
-    """The compiled ``decode_attention`` for G = ``groups`` query heads per key/value head of ``head_dim``,
-    or None (logged once) where it cannot be had."""
+def _library(source: str, defines: tuple[str, ...] = ()):
+    """The compiled ``source`` (a file beside this one, with ``bf16.h``) for ``defines``, its functions'
+    argument types set, or None (logged once) where it cannot be had."""
     if not enabled() or platform.system() not in ("Linux", "Darwin"):
         return None
     compiler = os.environ.get("CC") or "cc"
-    defines = (f"-DG={groups}", f"-DD={head_dim}")
-    key = hashlib.sha256("\0".join([SOURCE.read_text(), compiler, *FLAGS, *defines, _machine()]).encode())
-    path = _cache_dir() / f"decode_attention-{key.hexdigest()[:16]}.so"
+    texts = [(HERE / name).read_text() for name in (source, "bf16.h")]
+    key = hashlib.sha256("\0".join([*texts, compiler, *FLAGS, *defines, _machine()]).encode())
+    path = _cache_dir() / f"{Path(source).stem}-{key.hexdigest()[:16]}.so"
     if not path.exists():
         if shutil.which(compiler) is None:
-            logger.info("no C compiler (%s): decoding uses PyTorch's attention", compiler)
+            logger.info("no C compiler (%s): decoding uses PyTorch's operators", compiler)
             return None
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             with tempfile.TemporaryDirectory(dir=path.parent) as tmp:  # built aside, then moved: never half a file
                 built = Path(tmp) / path.name
-                run = subprocess.run([compiler, *FLAGS, *defines, str(SOURCE), "-o", str(built), "-lm"],
+                run = subprocess.run([compiler, *FLAGS, *defines, str(HERE / source), "-o", str(built), "-lm"],
                                      capture_output=True, text=True)
                 if run.returncode != 0:
-                    logger.warning("could not compile %s (decoding uses PyTorch's attention):\n%s", SOURCE.name,
+                    logger.warning("could not compile %s (decoding uses PyTorch's operators):\n%s", source,
                                    run.stderr[-2000:])
                     return None
                 os.replace(built, path)
         except OSError as error:  # a kernel folder that cannot be written (AFT_KERNEL_DIR, a read-only home)
-            logger.warning("could not build %s in %s (decoding uses PyTorch's attention): %s", SOURCE.name,
+            logger.warning("could not build %s in %s (decoding uses PyTorch's operators): %s", source,
                            path.parent, error)
             return None
     try:
-        function = ctypes.CDLL(str(path)).decode_attention
+        library = ctypes.CDLL(str(path))
     except OSError as error:
-        logger.warning("could not load %s (decoding uses PyTorch's attention): %s", path, error)
+        logger.warning("could not load %s (decoding uses PyTorch's operators): %s", path, error)
         return None
-    pointer, size = ctypes.c_void_p, ctypes.c_int64
-    function.argtypes = [pointer] * 9 + [size] * 8 + [ctypes.c_float, ctypes.c_int]
-    function.restype = ctypes.c_int
-    return function
+    for name, types in SIGNATURES.items():
+        if hasattr(library, name):
+            function = getattr(library, name)
+            function.argtypes, function.restype = types, ctypes.c_int if name == "decode_attention" else None
+    return library
+
+
+def _attention(groups: int, head_dim: int):
+    library = _library("decode_attention.c", (f"-DG={groups}", f"-DD={head_dim}"))
+    return None if library is None else library.decode_attention
 
 
 def decode_attention_available(groups: int, head_dim: int) -> bool:
-    return _library(groups, head_dim) is not None
+    return _attention(groups, head_dim) is not None
+
+
+def pointwise_available() -> bool:
+    return _library("decode_pointwise.c") is not None
 
 
 class Spans:
@@ -142,7 +165,7 @@ def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, 
     kv_heads, G, D) bfloat16. Raises where the kernel is unavailable (``decode_attention_available``) or the
     inputs do not fit it."""
     rows, heads, groups, head_dim = q.shape
-    function = _library(groups, head_dim)
+    function = _attention(groups, head_dim)
     if function is None:
         raise RuntimeError("the decode attention kernel is not available on this machine")
     for name, x in (("q", q), ("keys", keys), ("values", values)):
@@ -161,4 +184,61 @@ def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, 
                       rows, heads, *keys.stride()[:3], *values.stride()[:3], scale, torch.get_num_threads())
     if failed:
         raise MemoryError("decode attention: no memory for its scores")
+    return out
+
+
+def _pointwise():
+    library = _library("decode_pointwise.c")
+    if library is None:
+        raise RuntimeError("the decode step's element-wise kernels are not available on this machine")
+    return library
+
+
+def _rows(*tensors: torch.Tensor) -> None:
+    """bfloat16 CPU tensors of rows whose last dimension is contiguous (row strides are passed)."""
+    for x in tensors:
+        if x.dtype != torch.bfloat16 or x.device.type != "cpu" or x.dim() != 2 or x.stride(1) != 1:
+            raise ValueError(f"expected a 2-d bfloat16 CPU tensor with contiguous rows, got {x.dtype} "
+                             f"{tuple(x.shape)} on {x.device}")
+
+
+def add_rms_norm(h: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """``h += delta`` in place (``delta`` None: h unchanged), then the RMS norm of h times ``weight``
+    (transformers' ``LlamaRMSNorm``). ``h`` and ``delta`` contiguous (rows, width); returns (rows, width)."""
+    _rows(h, weight[None])
+    if not h.is_contiguous() or (delta is not None and (delta.shape != h.shape or not delta.is_contiguous())):
+        raise ValueError("add_rms_norm: h and delta must be contiguous and of one shape")
+    if delta is not None:
+        _rows(delta)
+    if weight.shape != h.shape[1:]:
+        raise ValueError(f"add_rms_norm: weight {tuple(weight.shape)} for rows of {h.shape[1]}")
+    out = torch.empty_like(h)
+    _pointwise().add_rms_norm(h.data_ptr(), None if delta is None else delta.data_ptr(), weight.data_ptr(),
+                              out.data_ptr(), h.shape[0], h.shape[1], eps, torch.get_num_threads())
+    return out
+
+
+def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """``F.silu(gate) * up`` of two (rows, width) views with one row stride (the halves of a stacked product)."""
+    _rows(gate, up)
+    if gate.shape != up.shape or gate.stride(0) != up.stride(0):
+        raise ValueError("silu_mul: gate and up must be of one shape and row stride")
+    out = gate.new_empty(gate.shape)
+    _pointwise().silu_mul(gate.data_ptr(), up.data_ptr(), gate.stride(0), out.data_ptr(), *gate.shape,
+                          torch.get_num_threads())
+    return out
+
+
+def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, heads: int) -> torch.Tensor:
+    """The rotary embedding of (rows, heads * d) ``x`` (a view: any row stride) with (rows, d) ``cos`` and
+    ``sin`` (transformers' ``apply_rotary_pos_emb``, bfloat16). Returns (rows, heads, d), contiguous."""
+    _rows(x)
+    rows, d = x.shape[0], x.shape[1] // heads
+    if x.shape[1] != heads * d or d % 2 or cos.shape != (rows, d) or sin.shape != (rows, d):
+        raise ValueError(f"rotary: x {tuple(x.shape)} as {heads} heads, cos {tuple(cos.shape)}, sin {tuple(sin.shape)}")
+    cos, sin = cos.contiguous(), sin.contiguous()
+    _rows(cos, sin)
+    out = x.new_empty(rows, heads, d)
+    _pointwise().rotary(x.data_ptr(), x.stride(0), cos.data_ptr(), sin.data_ptr(), out.data_ptr(), rows, heads, d,
+                        torch.get_num_threads())
     return out

@@ -8,7 +8,7 @@
 
        s[g, c] = scale * q[g] . k[c],   p = softmax_c(s),   out[g] = sum_c p[g, c] v[c]
 
-   in float32 (exp of s - max s by a polynomial, exp_nonpositive), the output rounded to bfloat16 (nearest,
+   in float32 (exp of s - max s by a polynomial, bf16.h), the output rounded to bfloat16 (nearest,
    ties to even).
 
    G and D are compile-time constants (-DG=.. -DD=..) so that the loops over D vectorise; aft.kernels
@@ -20,47 +20,14 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "bf16.h"
+
 /* Columns read ahead of the one in use. The pass over the keys prefetches the key and the value columns
    AHEAD ahead, and the pass over the values the next head's first AHEAD key columns, so memory is read
    while the arithmetic runs (on an AMX Xeon a cold cache row was read 1.5x faster with a key prefetch 16
    columns ahead than with none, and 1.1x faster again with all three at 32). Reading past a row's last
    column only prefetches, which never faults. */
 #define AHEAD 32
-
-static inline float from_bf16(uint16_t x) {
-    uint32_t u = (uint32_t)x << 16;
-    float f;
-    memcpy(&f, &u, 4);
-    return f;
-}
-
-static inline uint16_t to_bf16(float f) {
-    uint32_t u;
-    memcpy(&u, &f, 4);
-    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40);  /* NaN stays NaN */
-    u += 0x7fffu + ((u >> 16) & 1u);
-    return (uint16_t)(u >> 16);
-}
-
-/* exp(x) for x <= 0 (a score minus its row's maximum) in float32 arithmetic the compiler vectorises (a call
-   of expf per score was a quarter of the kernel's time): x = n ln2 + r with |r| <= ln2 / 2, exp(r) by its
-   Taylor series to r^6 (relative error below 2e-7), times 2^n made in the exponent bits. Below -87: 0. */
-static inline float exp_nonpositive(float x) {
-    const float t = x < -87.f ? -87.f : x;
-    const float n = __builtin_floorf(t * 1.44269504f + 0.5f);
-    const float r = (t - n * 0.693145752f) - n * 1.42860677e-6f; /* ln 2 in two parts: r exact enough */
-    float p = 1.f / 720.f;
-    p = p * r + 1.f / 120.f;
-    p = p * r + 1.f / 24.f;
-    p = p * r + 1.f / 6.f;
-    p = p * r + 0.5f;
-    p = p * r + 1.f;
-    p = p * r + 1.f;
-    const int32_t bits = ((int32_t)n + 127) << 23;
-    float two_n;
-    memcpy(&two_n, &bits, 4);
-    return x < -87.f ? 0.f : p * two_n;
-}
 
 typedef struct {
     const uint16_t *q, *k, *v;
@@ -113,7 +80,7 @@ static void one_head(const Job *j, int64_t r, int64_t h, float *s, const uint16_
     for (int g = 0; g < G; g++) {
         float sum = 0.f;
         for (int64_t c = 0; c < n; c++) {
-            float e = exp_nonpositive(s[g * n + c] - best[g]);
+            float e = exp_poly(s[g * n + c] - best[g]);
             s[g * n + c] = e;
             sum += e;
         }
