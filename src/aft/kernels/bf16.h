@@ -25,7 +25,8 @@ static inline uint16_t to_bf16(float f) {
    attention's time): x = n ln2 + r with |r| <= ln2 / 2, exp(r) by its Taylor series to r^6 (relative error
    below 2e-7), times 2^n made in the exponent bits. Below -87: 0; above 88.7: infinity; NaN stays NaN. */
 static inline float exp_poly(float x) {
-    const float t = x < -87.f ? -87.f : x > 88.f ? 88.f : x;
+    float t = x < -87.f ? -87.f : x; /* one select a line: nested ones keep gcc from vectorising */
+    t = t > 88.f ? 88.f : t;
     const float n = __builtin_floorf(t * 1.44269504f + 0.5f);
     const float r = (t - n * 0.693145752f) - n * 1.42860677e-6f; /* ln 2 in two parts: r exact enough */
     float p = 1.f / 720.f;
@@ -38,7 +39,9 @@ static inline float exp_poly(float x) {
     const int32_t bits = ((int32_t)n + 127) << 23;
     float two_n;
     memcpy(&two_n, &bits, 4);
-    return x < -87.f ? 0.f : x > 88.72f ? __builtin_inff() : p * two_n;
+    float e = x < -87.f ? 0.f : p * two_n;
+    e = x > 88.72f ? __builtin_inff() : e;
+    return e;
 }
 
 #if defined(__AVX512F__) && defined(__AVX512BW__)
