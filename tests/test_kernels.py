@@ -268,3 +268,45 @@ def test_generate_reads_a_prompts_columns_once_for_its_samples_with_the_same_sam
     assert made and all(siblings is not None for *_, siblings in made)
     monkeypatch.setattr(generation, "_siblings", lambda *a: None)  # every row reads its own copy
     assert generation.generate(bf16_model, tokenizer, prompts, **args) == shared
+
+
+def test_the_prefill_on_the_kernels_is_as_close_to_float32_as_the_models_bf16_forward(make_llama, tokenizer):
+    """``LlamaDecodeStep.prefill`` (bf16, C kernels, SDPA) against the model's own forward: the last
+    position's logits and every real position's keys and values, each compared with the float32 model;
+    its error is no more than twice the bf16 model's own. Padding positions' keys are never read."""
+    from transformers import DynamicCache
+
+    from aft.generation import _left_padded
+
+    model = make_llama(96, 128, heads=6, kv_heads=2, seed=1)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.2)
+    prompts = ["Tom has 3 apples and buys 4 more", "A box holds 12 pens. 5 boxes", "3 + 4 =", "Step"]
+    input_ids, mask, positions = _left_padded([tokenizer(p)["input_ids"] for p in prompts],
+                                              tokenizer.pad_token_id, "cpu")
+
+    def forward(m):
+        cache = DynamicCache(config=m.config)
+        with torch.no_grad():
+            logits = m(input_ids=input_ids, attention_mask=mask, position_ids=positions, cache=cache,
+                       use_cache=True, logits_to_keep=1).logits[:, -1]
+        return logits.float(), [(layer.keys.float(), layer.values.float()) for layer in cache.layers]
+
+    exact = forward(model)
+    bf16 = copy.deepcopy(model).to(torch.bfloat16)
+    step = decode_step(bf16)
+    assert step.kernel
+    logits, written = step.prefill(input_ids, mask, positions)
+    fused = (logits.float(), [(k.float(), v.float()) for k, v in written])
+    theirs = forward(bf16)
+    real = mask.bool()[:, None, :, None]
+
+    def error(got):
+        errors = [(got[0] - exact[0]).abs().max()]
+        for (k, v), (k0, v0) in zip(got[1], exact[1]):
+            errors += [((k - k0) * real).abs().max(), ((v - v0) * real).abs().max()]
+        return torch.stack(errors)
+
+    assert (error(fused) <= 2 * error(theirs) + 1e-2).all()

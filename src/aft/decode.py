@@ -124,6 +124,36 @@ class LlamaDecodeStep:
             h, normed = self._add_norm(h, down(silu_mul(gate, up) if self.kernel else F.silu(gate) * up), after)
         return self.head(normed)
 
+    @torch.no_grad()
+    def prefill(self, input_ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor):
+        """The prompts' pass, on the same kernels (``self.kernel`` only: bfloat16 with the C kernels; else
+        ``generate`` runs the model's forward). ``input_ids``, ``mask``, ``positions`` (batch, width), left
+        padded. Returns (the last position's logits (batch, vocab), [(keys, values) (batch, kv_heads, width,
+        d) per layer]). Every position is one row of the products; the attention is SDPA, causal within a
+        prompt and blind to its padding (a padding position attends to itself only: its keys and values are
+        never read)."""
+        batch, width = input_ids.shape
+        rows, d = batch * width, self.head_dim
+        h = self.embed(input_ids.reshape(rows))
+        cos, sin = self.rotary(h, positions.reshape(rows, 1))
+        sees = torch.ones(width, width, dtype=torch.bool, device=h.device).tril() & mask[:, None, :].bool()
+        sees = (sees | torch.eye(width, dtype=torch.bool, device=h.device))[:, None]  # (batch, 1, width, width)
+        written = []
+        h, normed = self._add_norm(h, None, self.layers[0][0])
+        for i, (_, qkv, out, norm2, gate_up, down) in enumerate(self.layers):
+            q, k, v = qkv(normed)
+            q, k = self._rotate(q, cos, sin, self.heads), self._rotate(k, cos, sin, self.kv_heads)
+            heads_first = lambda x, n: x.reshape(batch, width, n, d).transpose(1, 2)  # noqa: E731
+            k, v = heads_first(k, self.kv_heads), heads_first(v, self.kv_heads)
+            o = F.scaled_dot_product_attention(heads_first(q, self.heads), k, v, attn_mask=sees, scale=self.scaling,
+                                               enable_gqa=True)
+            written.append((k, v))
+            h, normed = self._add_norm(h, out(o.transpose(1, 2).reshape(rows, self.heads * d)), norm2)
+            gate, up = gate_up(normed)
+            after = self.layers[i + 1][0] if i + 1 < len(self.layers) else self.final_norm
+            h, normed = self._add_norm(h, down(silu_mul(gate, up) if self.kernel else F.silu(gate) * up), after)
+        return self.head(normed.view(batch, width, -1)[:, -1]), written
+
     def _add_norm(self, h, delta, norm):
         """(h + delta, norm(h + delta)): the residual stream and its normalisation (``delta`` None: h's). With
         the C kernels the sum is written into h, in one pass with the norm."""

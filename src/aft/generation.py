@@ -245,12 +245,13 @@ def _left_padded(ids: list[list[int]], pad: int, device):
     return input_ids, mask, (mask.cumsum(-1) - 1).clamp(min=0)
 
 
-def _prefill(model, ids, cache, first_row: int, k: int, grouped: bool, pad: int):
+def _prefill(model, ids, cache, first_row: int, k: int, grouped: bool, pad: int, step=None):
     """The last position's logits of every prompt of ``ids``, repeated for its k rows, and the column its
     prompts end at. On the pre-allocated cache the keys and values of prompt i go to pool rows
     first_row + i*k ... + k - 1 (``grouped``: prompts of very different lengths run in groups of similar
-    length, each padded only to its own longest); any other cache is a fresh one, filled by the model and
-    repeated k times."""
+    length, each padded only to its own longest), computed by the decode ``step``'s ``prefill`` where it has
+    the C kernels, else by the model; any other cache is a fresh one, filled by the model and repeated k
+    times."""
     device, width = next(model.parameters()).device, max(len(x) for x in ids)
     if not isinstance(cache.layers[0], _PreallocatedLayer):
         input_ids, mask, positions = _left_padded(ids, pad, device)
@@ -262,14 +263,18 @@ def _prefill(model, ids, cache, first_row: int, k: int, grouped: bool, pad: int)
     logits = None
     for group in prefill_groups([len(x) for x in ids]) if grouped else [list(range(len(ids)))]:
         input_ids, mask, positions = _left_padded([ids[i] for i in group], pad, device)
-        part = DynamicCache(config=model.config)
-        out = model(input_ids=input_ids, attention_mask=mask, position_ids=positions, cache=part,
-                    use_cache=True, logits_to_keep=1).logits[:, -1]
+        if step is not None and step.kernel:
+            out, written = step.prefill(input_ids, mask, positions)
+        else:
+            part = DynamicCache(config=model.config)
+            out = model(input_ids=input_ids, attention_mask=mask, position_ids=positions, cache=part,
+                        use_cache=True, logits_to_keep=1).logits[:, -1]
+            written = [(layer.keys, layer.values) for layer in part.layers]
         logits = out.new_empty(len(ids), out.shape[-1]) if logits is None else logits
         logits[group] = out
         rows = (first_row + k * torch.tensor(group, device=device)[:, None] + torch.arange(k, device=device)).ravel()
-        for layer, written in zip(cache.layers, part.layers):
-            layer.write_rows(rows, written.keys.repeat_interleave(k, 0), written.values.repeat_interleave(k, 0), width)
+        for layer, (keys, values) in zip(cache.layers, written):
+            layer.write_rows(rows, keys.repeat_interleave(k, 0), values.repeat_interleave(k, 0), width)
     return logits.repeat_interleave(k, 0), width
 
 
@@ -400,7 +405,8 @@ def generate(model, tokenizer, prompts, k: int = 1, temperature: float = 0.0, to
         nonlocal seq, made, column, position, finished
         chosen, first = waiting[:count], len(seq)
         del waiting[:count]
-        logits, end = _prefill(model, [ids[i] for i in chosen], cache, first, k, group_prefill and preallocated, pad)
+        logits, end = _prefill(model, [ids[i] for i in chosen], cache, first, k, group_prefill and preallocated, pad,
+                               fused)
         attend[first:first + len(chosen) * k] = False
         for j, i in enumerate(chosen):
             attend[first + j * k:first + (j + 1) * k, end - len(ids[i]):end] = True
