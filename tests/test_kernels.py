@@ -310,3 +310,41 @@ def test_the_prefill_on_the_kernels_is_as_close_to_float32_as_the_models_bf16_fo
         return torch.stack(errors)
 
     assert (error(fused) <= 2 * error(theirs) + 1e-2).all()
+
+
+def test_top_candidates_are_the_k_largest_lowest_ids_first_and_the_rests_log_sum_exp():
+    g = torch.Generator().manual_seed(9)
+    logits = torch.randint(-20, 20, (6, 300), generator=g).float().div(4).bfloat16()  # many ties
+    logits[0, 250:] = -200.0  # a rest far below its candidates
+    values, ids, rest = kernels.top_candidates(logits, 16, 0.7)
+    assert torch.equal(ids, ids.sort(-1).values)  # each row's in increasing id
+    assert torch.equal(values, logits.gather(-1, ids).float())
+    for r in range(6):
+        order = sorted(range(300), key=lambda i: (-logits[r, i].item(), i))  # by value, lowest id first
+        assert ids[r].tolist() == sorted(order[:16])
+    others = logits.float().div(0.7).scatter(-1, ids, float("-inf")).logsumexp(-1).double()
+    assert torch.allclose(rest, others, rtol=1e-5, atol=1e-5)
+    assert torch.isneginf(kernels.top_candidates(logits, 300, 0.7)[2]).all()  # no rest
+    with pytest.raises(ValueError, match="top_candidates"):
+        kernels.top_candidates(logits, 301, 0.7)
+
+
+def test_gumbel_max_on_bf16_logits_draws_the_same_tokens_through_the_c_pass():
+    """Distinct logits (no ties at the k-th): the C pass gives the candidates and the exact rest, the
+    PyTorch pass the same candidates and a bound, and every row draws the same token; with 3 candidates the
+    rest often wins, and the frequencies are softmax(logits / T)."""
+    from aft import generation
+
+    g = torch.Generator().manual_seed(1)
+    logits = (torch.randperm(200, generator=g).float() / 40).bfloat16()  # 200 distinct bf16 values
+    n = 20000
+    draw = lambda: generation.gumbel_max(logits.expand(n, -1).contiguous(), 0.7,  # noqa: E731
+                                         [generation._row_generator(0, "p", c) for c in range(n)], candidates=3)
+    in_c = draw()
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(generation, "top_candidates_available", lambda: False)
+        assert torch.equal(draw(), in_c)
+    seen = torch.bincount(in_c, minlength=200).double() / n
+    expected = (logits.double() / 0.7).softmax(0)
+    assert (seen - expected).abs().max() < 4 * (expected * (1 - expected) / n).sqrt().max() + 1e-3
+    assert (logits.topk(3).indices[:, None] != in_c).all(0).float().mean() > 0.05  # the rest's tokens won too

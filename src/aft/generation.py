@@ -44,6 +44,7 @@ from transformers.cache_utils import DynamicLayer
 
 from aft.data import encode_prompt
 from aft.decode import decode_step
+from aft.kernels import top_candidates, top_candidates_available
 
 STOPS = ("\nQuestion:",)
 GEN_DTYPES = ("auto", "float32", "bfloat16")
@@ -307,31 +308,39 @@ def gumbel_max(logits: torch.Tensor, temperature: float, generators, candidates:
     (the k-th logit / T + log(size of the rest)), so one more Gumbel draw against this bound settles it for
     most rows. The rows it does not settle compute the rest's log-sum-exp, and where the rest wins, its
     token is drawn from the rest's own softmax (the winner of a Gumbel-max and its value are independent).
-    Each row draws its uniforms from its own generator in a fixed order (k + 1 per step, one more when the
-    rest wins), so a row's token does not depend on the other rows of the batch."""
+    bfloat16 logits on a CPU with a C compiler take the candidates and the rest's exact log-sum-exp from one
+    C pass (``aft.kernels.top_candidates``; of logits tied with the k-th, the lowest token ids are the
+    candidates), with the same draws. Each row draws its uniforms from its own generator in a fixed order
+    (k + 1 per step, one more when the rest wins), so a row's token does not depend on the other rows of the
+    batch."""
     rows, vocab = logits.shape
     k = min(candidates, vocab)
-    top, index = logits.topk(k, dim=-1)
-    index, order = index.sort(dim=-1)  # noise follows token ids, not topk's order among ties
-    top = top.gather(-1, order)
+    in_c = k < vocab and logits.dtype == torch.bfloat16 and logits.device.type == "cpu" and top_candidates_available()
+    if in_c:
+        top, index, rest_lse = top_candidates(logits.contiguous(), k, temperature)
+    else:
+        top, index = logits.topk(k, dim=-1)
+        index, order = index.sort(dim=-1)  # noise follows token ids, not topk's order among ties
+        top = top.gather(-1, order)
     # drawn on the CPU whatever the device (the same samples on a GPU as here), then moved to the logits
     u = torch.stack([torch.rand(k + 1, generator=g, dtype=torch.float64) for g in generators]).to(logits.device)
     best, arg = (top.double() / temperature + gumbel(u[:, :k])).max(-1)
     token = index.gather(-1, arg[:, None])[:, 0]
     if k == vocab:
         return token
-    bound = top.min(-1).values.double() / temperature + math.log(vocab - k)  # of the rest's log-sum-exp
     g_rest = gumbel(u[:, k])
-    check = (bound + g_rest >= best).nonzero()[:, 0]
-    if len(check):
+    if in_c:
+        winners = (rest_lse + g_rest > best).nonzero()[:, 0]
+    else:
+        bound = top.min(-1).values.double() / temperature + math.log(vocab - k)  # of the rest's log-sum-exp
+        check = (bound + g_rest >= best).nonzero()[:, 0]
         rest = logits.index_select(0, check).float().div_(temperature).scatter_(-1, index[check], float("-inf"))
-        wins = rest.logsumexp(-1).double() + g_rest[check] > best[check]
-        if wins.any():
-            cdf = rest[wins].softmax(-1).cumsum(-1)
-            pick = torch.cat([torch.rand(1, generator=generators[r])
-                              for r in check[wins].tolist()]).to(cdf.device)
-            token[check[wins]] = torch.searchsorted(cdf, (pick * cdf[:, -1])[:, None], right=True)[:, 0].clamp(
-                max=vocab - 1)
+        winners = check[rest.logsumexp(-1).double() + g_rest[check] > best[check]]
+    if len(winners):
+        rest = logits.index_select(0, winners).float().div_(temperature).scatter_(-1, index[winners], float("-inf"))
+        cdf = rest.softmax(-1).cumsum(-1)
+        pick = torch.cat([torch.rand(1, generator=generators[r]) for r in winners.tolist()]).to(cdf.device)
+        token[winners] = torch.searchsorted(cdf, (pick * cdf[:, -1])[:, None], right=True)[:, 0].clamp(max=vocab - 1)
     return token
 
 

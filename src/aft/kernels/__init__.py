@@ -70,7 +70,9 @@ SIGNATURES = {  # argument types of each C function
     "add_rms_norm": [_pointer] * 4 + [_size] * 2 + [ctypes.c_float, ctypes.c_int],
     "silu_mul": [_pointer, _pointer, _size, _pointer, _size, _size, ctypes.c_int],
     "rotary": [_pointer, _size, _pointer, _pointer, _pointer, _size, _size, _size, ctypes.c_int],
+    "top_candidates": [_pointer] + [_size] * 4 + [ctypes.c_float] + [_pointer] * 3 + [ctypes.c_int],
 }
+RETURNS_STATUS = ("decode_attention", "top_candidates")  # 0, or 1 where a thread's scratch memory was not had
 
 
 @functools.cache
@@ -110,7 +112,7 @@ def _library(source: str, defines: tuple[str, ...] = ()):
     for name, types in SIGNATURES.items():
         if hasattr(library, name):
             function = getattr(library, name)
-            function.argtypes, function.restype = types, ctypes.c_int if name == "decode_attention" else None
+            function.argtypes, function.restype = types, ctypes.c_int if name in RETURNS_STATUS else None
     return library
 
 
@@ -242,3 +244,28 @@ def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, heads: int) ->
     _pointwise().rotary(x.data_ptr(), x.stride(0), cos.data_ptr(), sin.data_ptr(), out.data_ptr(), rows, heads, d,
                         torch.get_num_threads())
     return out
+
+
+def top_candidates_available() -> bool:
+    return _library("top_candidates.c") is not None
+
+
+def top_candidates(logits: torch.Tensor, k: int, temperature: float):
+    """Each row's ``k`` largest logits and the log-sum-exp of the rest at ``temperature`` (``top_candidates.c``).
+
+    ``logits`` (rows, vocab) bfloat16 on the CPU, rows contiguous. Returns (values (rows, k) float32, ids
+    (rows, k) int64, each row's in increasing id; rest (rows,) float64: log sum over the other tokens of
+    exp(logit / temperature)). Of logits equal to the k-th value the lowest ids are taken."""
+    _rows(logits)
+    rows, vocab = logits.shape
+    if not 0 < k <= vocab or temperature <= 0:
+        raise ValueError(f"top_candidates: k {k} of {vocab} logits at temperature {temperature}")
+    library = _library("top_candidates.c")
+    if library is None:
+        raise RuntimeError("the sampler's kernel is not available on this machine")
+    values, ids = torch.empty(rows, k), torch.empty(rows, k, dtype=torch.int64)
+    rest = torch.empty(rows, dtype=torch.float64)
+    if library.top_candidates(logits.data_ptr(), rows, vocab, logits.stride(0), k, temperature, values.data_ptr(),
+                              ids.data_ptr(), rest.data_ptr(), torch.get_num_threads()):
+        raise MemoryError("top_candidates: no memory for its heaps")
+    return values, ids, rest
