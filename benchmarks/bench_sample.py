@@ -249,6 +249,7 @@ def real_model(a):
     (start-up, model load, dtype probe) with default flags on ``--process-questions`` questions. Tokens are
     counted on the returned completions (after the stop-text cut), the same way for every row; llama.cpp's
     are its generated ids up to EOS."""
+    from aft import generation
     from aft.decode import decode_step
     from aft.generation import generate, plan_batches, plan_calls
     from aft.models import convert_gguf, load_model, load_tokenizer, smollm2_gguf
@@ -281,28 +282,32 @@ def real_model(a):
 
     generate(bf16, tok, prompts[:2], 2, 0.8, max_new_tokens=4)  # warm-up (and the C kernel built)
 
-    def sdpa(fn):
-        """``fn`` run with the fused step's attention by PyTorch's SDPA instead of aft.kernels' C kernel."""
+    def pytorch_ops(fn):
+        """``fn`` run with PyTorch's operators where aft.kernels has C ones: the fused step's attention,
+        element-wise work and prompts' pass, and the sampler's candidates."""
         def run_it():
             step = decode_step(bf16)
             was, step.kernel = step.kernel, False
+            sampler, generation.top_candidates_available = generation.top_candidates_available, lambda: False
             try:
                 return fn()
             finally:
-                step.kernel = was
+                step.kernel, generation.top_candidates_available = was, sampler
         return run_it
     rows = {
         "today: HF generate, fp32, 16 questions x k per call": lambda: run(today_generate_batch, fp32, fixed),
         "HF generate, bf16 weights": lambda: run(today_generate_batch, bf16, fixed),
         "fast path, fp32, same batches": lambda: run(generate, fp32, fixed, fused_step=False),
         "fast path, bf16, same batches, cache grown by concatenation, finished rows kept":
-            lambda: run(generate, bf16, fixed, preallocate=False, drop_finished=False),
-        "+ pre-allocated KV cache":
-            lambda: run(generate, bf16, fixed, drop_finished=False, group_prefill=False, fused_step=False),
-        "+ finished rows dropped": lambda: run(generate, bf16, fixed, group_prefill=False, fused_step=False),
-        "+ prompts prefilled in groups of similar length": lambda: run(generate, bf16, fixed, fused_step=False),
-        "+ fused decode step (stacked, packed products), PyTorch's attention": sdpa(lambda: run(generate, bf16, fixed)),
-        "+ attention over each row's own columns (aft.kernels, C)": lambda: run(generate, bf16, fixed),
+            pytorch_ops(lambda: run(generate, bf16, fixed, preallocate=False, drop_finished=False)),
+        "+ pre-allocated KV cache": pytorch_ops(
+            lambda: run(generate, bf16, fixed, drop_finished=False, group_prefill=False, fused_step=False)),
+        "+ finished rows dropped": pytorch_ops(lambda: run(generate, bf16, fixed, group_prefill=False, fused_step=False)),
+        "+ prompts prefilled in groups of similar length": pytorch_ops(lambda: run(generate, bf16, fixed, fused_step=False)),
+        "+ fused decode step (stacked, packed products), PyTorch's operators":
+            pytorch_ops(lambda: run(generate, bf16, fixed)),
+        "+ C kernels (aft.kernels): attention over each row's own columns, element-wise work, prompts' pass, "
+        "sampler's candidates": lambda: run(generate, bf16, fixed),
         "+ batches by tokens": lambda: run(generate, bf16, by_tokens),
         "+ waiting prompts take finished rows' places (the default): sampling":
             lambda: run(generate, bf16, calls, batch_tokens=65536),
@@ -339,14 +344,14 @@ def real_model(a):
     refill_prompts = [refill_task.format_prompt(e) for e in refill_examples]
     refill = {}
     for name, plan, budget, kernel in (("batches run to their end", plan_batches, 0, True),
-                                       ("waiting prompts, PyTorch's attention", plan_calls, 65536, False),
+                                       ("waiting prompts, PyTorch's operators", plan_calls, 65536, False),
                                        ("waiting prompts", plan_calls, 65536, True)):
         outs = []
         sample = lambda: outs.extend(  # noqa: E731
             t for b in plan(tok, refill_prompts, 0, 4, 256, 65536)
             for t in generate(bf16, tok, [refill_prompts[i] for i in b], 4, 0.8, max_new_tokens=256,
                               batch_tokens=budget))
-        seconds = timed_once(sample if kernel else sdpa(sample))
+        seconds = timed_once(sample if kernel else pytorch_ops(sample))
         refill[name] = {"s": seconds, "tokens": count(outs), "tokens_per_s": count(outs) / seconds}
         print(f"{a.refill_questions} questions x k 4, 256 new tokens, {name}: {refill[name]['tokens_per_s']:.0f} "
               f"tokens/s", flush=True)
@@ -401,7 +406,8 @@ def real_model(a):
     step_rows = 256  # the rows of the `aft sample` run's batch (64 questions x k 4)
     share = {dtype: decode_step_share(model, step_rows, 100, rates[dtype])
              for dtype, model in (("float32", fp32), ("bfloat16", bf16))}
-    share["bfloat16, PyTorch's attention"] = sdpa(lambda: decode_step_share(bf16, step_rows, 100, rates["bfloat16"]))()
+    share["bfloat16, PyTorch's operators"] = pytorch_ops(
+        lambda: decode_step_share(bf16, step_rows, 100, rates["bfloat16"]))()
     share["bfloat16, the model's forward"] = decode_step_share(bf16, step_rows, 100, rates["bfloat16"], fused=False)
     today = results["today: HF generate, fp32, 16 questions x k per call"]["tokens_per_s"]
     table = [[name, f"{r['s']:.1f}", r["tokens"], f"{r['tokens_per_s']:.0f}", f"{r['tokens_per_s'] / today:.2f}"]
@@ -422,7 +428,7 @@ def real_model(a):
         "waiting_prompts_256_new_tokens": refill,
         "aft_eval_in_process": eval_split,
     }
-    kernel_gain = refill["waiting prompts"]["tokens_per_s"] / refill["waiting prompts, PyTorch's attention"]["tokens_per_s"]
+    kernel_gain = refill["waiting prompts"]["tokens_per_s"] / refill["waiting prompts, PyTorch's operators"]["tokens_per_s"]
     for line in (f"matrix products: fp32 {rates['float32']:.0f} GFLOP/s, bf16 {rates['bfloat16']:.0f} GFLOP/s",
                  *(f"decode step, {step_rows} rows, {d}: {g:.0f} GFLOP/s = {s:.0%} of the "
                    f"{d.split(',')[0]} rate" for d, (g, s) in share.items()),
@@ -432,7 +438,7 @@ def real_model(a):
                  f"bf16 greedy = fp32 greedy on {agreement:.0%} of {len(prompts)} questions",
                  f"waiting prompts / batches run to their end ({a.refill_questions} questions x k 4, 256 new tokens): "
                  f"{refill['waiting prompts']['tokens_per_s'] / refill['batches run to their end']['tokens_per_s']:.2f}x",
-                 f"attention over each row's own columns (C) / PyTorch's attention, the same run: {kernel_gain:.2f}x",
+                 f"C kernels (aft.kernels) / PyTorch's operators, the same run: {kernel_gain:.2f}x",
                  f"fast (default batches, sampling) / llama.cpp batched: "
                  f"{sampling / llama:.2f}x" if llama else "llama.cpp: not run"):
         print(line)
