@@ -49,7 +49,7 @@ def main():
     p.add_argument("--model-dir", default="runs/smollm2-135m", help="converted SmolLM2 (made if missing)")
     p.add_argument("--k", type=int, default=4, help="--real: samples per question")
     p.add_argument("--process-questions", type=int, nargs="+", default=[64, 256],
-                   help="--real: questions of the `aft sample` runs (the first also for `aft eval`)")
+                   help="--real: questions of the `aft sample` and `aft eval` runs (the first also in process)")
     p.add_argument("--refill-questions", type=int, default=64,
                    help="--real: questions of the waiting-prompts comparison (k 4, 256 new tokens: the stage default)")
     p.add_argument("--threads", type=int, default=0, help="--real: threads for torch and llama.cpp (0: torch's)")
@@ -360,7 +360,8 @@ def real_model(a):
         flags = ["--model", a.model_dir, "--task", "gsm8k", "--data_path", str(GSM8K), "--split", "test",
                   "--max_new_tokens", str(a.new_tokens)]
         runs = [("sample", q, ["--k", str(a.k)], "s.jsonl", "completions") for q in a.process_questions]
-        for command, questions, extra, out, field in runs + [("eval", a.process_questions[0], [], "eval.json", None)]:
+        runs += [("eval", q, [], "eval.json", None) for q in a.process_questions]
+        for command, questions, extra, out, field in runs:
             seconds = aft_process(command, [*flags, "--limit", str(questions), *extra, "--output",
                                             f"{tmp}/{command}{questions}/{out}"])
             if field:
