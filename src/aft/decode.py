@@ -138,12 +138,12 @@ class LlamaDecodeStep:
         cos, sin = self.rotary(h, positions.reshape(rows, 1))
         sees = torch.ones(width, width, dtype=torch.bool, device=h.device).tril() & mask[:, None, :].bool()
         sees = (sees | torch.eye(width, dtype=torch.bool, device=h.device))[:, None]  # (batch, 1, width, width)
+        heads_first = lambda x, n: x.reshape(batch, width, n, d).transpose(1, 2)  # noqa: E731
         written = []
         h, normed = self._add_norm(h, None, self.layers[0][0])
         for i, (_, qkv, out, norm2, gate_up, down) in enumerate(self.layers):
             q, k, v = qkv(normed)
             q, k = self._rotate(q, cos, sin, self.heads), self._rotate(k, cos, sin, self.kv_heads)
-            heads_first = lambda x, n: x.reshape(batch, width, n, d).transpose(1, 2)  # noqa: E731
             k, v = heads_first(k, self.kv_heads), heads_first(v, self.kv_heads)
             o = F.scaled_dot_product_attention(heads_first(q, self.heads), k, v, attn_mask=sees, scale=self.scaling,
                                                enable_gqa=True)

@@ -10,7 +10,8 @@ One call of ``generate`` decodes k completions for each of its prompts, all in o
   padded only to its own longest, and written into that one cache: left padding to the batch's longest
   prompt had doubled the prefill of a one-batch ``aft eval`` (49% of its padded tokens were prompt);
 - on a CPU, a Llama-architecture model decodes through ``aft.decode`` (stacked and packed products around
-  the model's own arithmetic: the same logits in float32);
+  the model's own arithmetic: the same logits in float32); in bfloat16 with a C compiler its attention,
+  element-wise work and the prompts' pass run on ``aft.kernels``;
 - a row that has emitted EOS (or the stop text of a base model, "\\nQuestion:") is finished; finished rows
   are dropped from the batch, cache included, once they are an eighth of it, so their compute stops (the
   live rows at the back move into their places: only those are copied);
@@ -22,7 +23,8 @@ One call of ``generate`` decodes k completions for each of its prompts, all in o
   pass, no softmax. The noise of a row at a position comes from its own generator, seeded by (seed, prompt,
   candidate), so a completion does not depend on what else is in the batch: batches can be cut, dropped or
   dealt to other processes without changing any sample. ``top_p < 1`` masks the logits outside the nucleus
-  first (a sort, only then).
+  first (a sort, only then). bfloat16 logits on a CPU take their candidates from one C pass
+  (``aft.kernels.top_candidates``).
 
 ``generation_dtype`` picks the dtype generation runs in: ``auto`` times a decode-sized matrix product in
 float32 and bfloat16 once per process and takes bfloat16 only where it is clearly faster (CPUs with AMX or
