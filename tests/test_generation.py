@@ -168,6 +168,19 @@ def test_batches_are_sized_by_tokens(tokenizer):
     assert [len(b) for b in plan_batches(tokenizer, prompts, batch_size=3)] == [3, 3, 1]
 
 
+def test_auto_gen_dtype_follows_the_cpus_bf16_instructions_and_times_only_where_it_cannot_read_them(monkeypatch):
+    def no_timing(device):
+        raise AssertionError("timed although the CPU's flags say")
+    monkeypatch.setattr(generation, "_bf16_speedup", no_timing)
+    for flags, dtype in ((True, torch.bfloat16), (False, torch.float32)):
+        monkeypatch.setattr(generation, "_cpu_multiplies_bf16", lambda flags=flags: flags)
+        assert generation_dtype("auto") == dtype
+    monkeypatch.setattr(generation, "_cpu_multiplies_bf16", lambda: None)  # not x86 Linux: the timing decides
+    for speedup, dtype in ((2.0, torch.bfloat16), (1.2, torch.float32)):
+        monkeypatch.setattr(generation, "_bf16_speedup", lambda device, speedup=speedup: speedup)
+        assert generation_dtype("auto") == dtype
+
+
 def test_gen_dtype():
     assert generation_dtype("float32") == torch.float32 and generation_dtype("bfloat16") == torch.bfloat16
     assert generation_dtype("auto") in (torch.float32, torch.bfloat16)

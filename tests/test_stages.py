@@ -96,6 +96,44 @@ def test_sample_resumes_to_the_same_file(base_model, tmp_path, monkeypatch):
     assert len(ids) == len(set(ids)) == 12
 
 
+def test_a_resumed_sample_keeps_the_dtype_its_first_run_resolved(base_model, tmp_path, monkeypatch):
+    """``--gen_dtype auto`` resolved to float32 when the run began (a machine without bf16 instructions); the
+    resume runs where auto means bfloat16, and still generates in float32: the file equals an uninterrupted
+    float32 run's, and its manifest records the dtype."""
+    import aft.generation
+    import aft.sample
+
+    args = ["sample", "--model", base_model, "--task", TASK, "--k", "2", "--limit", "12", "--batch_size", "3",
+            "--max_new_tokens", "10", "--temperature", "1.0"]
+    whole = tmp_path / "whole.jsonl"
+    assert main(args + ["--gen_dtype", "float32", "--output", str(whole)]) == 0
+    resumed = tmp_path / "resumed.jsonl"
+    real, calls = aft.sample.generate_batch, []
+
+    def dying(*a, **k):
+        calls.append(next(a[0].parameters()).dtype)
+        if len(calls) > 1:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(aft.sample, "generate_batch", dying)
+    monkeypatch.setattr(aft.generation, "_cpu_multiplies_bf16", lambda: False)
+    with pytest.raises(KeyboardInterrupt):
+        main(args + ["--output", str(resumed)])
+    manifest = json.loads(resumed.with_name(resumed.name + ".manifest.json").read_text())
+    assert manifest["resolved"] == {"gen_dtype": "float32"} and manifest["settings"]["gen_dtype"] == "auto"
+    monkeypatch.setattr(aft.generation, "_cpu_multiplies_bf16", lambda: True)  # auto now means bfloat16
+    calls.clear()
+    monkeypatch.setattr(aft.sample, "generate_batch", lambda *a, **k: calls.append(
+        next(a[0].parameters()).dtype) or real(*a, **k))
+    assert main(args + ["--output", str(resumed)]) == 0
+    assert set(calls) == {torch.float32} and resumed.read_bytes() == whole.read_bytes()
+    fresh = tmp_path / "fresh.jsonl"  # a new output resolves afresh
+    assert main(args + ["--limit", "3", "--output", str(fresh)]) == 0
+    assert json.loads(fresh.with_name(fresh.name + ".manifest.json").read_text())["resolved"] == {
+        "gen_dtype": "bfloat16"}
+
+
 def test_sample_with_waiting_questions_writes_the_same_file(base_model, tmp_path, monkeypatch):
     """A --batch_tokens so small that a few rows decode at once and the other questions of a call wait for
     their places: the same file as all questions at once (float32)."""

@@ -150,6 +150,23 @@ def read_manifest(config) -> dict | None:
         raise AftError(f"{path}: damaged manifest; remove {output} (or pass --overwrite) to start again") from None
 
 
+def resolved(config, key: str):
+    """What a setting (``gen_dtype=auto``) resolved to in the run that began this output, or None."""
+    return ((read_manifest(config) or {}).get("resolved") or {}).get(key)
+
+
+def note_resolved(config, key: str, value) -> None:
+    """Record in the output's manifest what a setting resolved to (the main process; after ``claim``), so that
+    a resumed run continues as the first did, on whatever machine it runs."""
+    if not _main_process():
+        return
+    manifest = read_manifest(config)
+    if manifest is None:
+        return
+    manifest.setdefault("resolved", {})[key] = value
+    _write_manifest(manifest_path(*output_of(config)), manifest)
+
+
 def stale(stage: str, config) -> list[str]:
     """The changed keys that stop a rerun into this config's output (empty: same settings or no output)."""
     output, folder = output_of(config)
@@ -189,6 +206,8 @@ def claim(stage: str, config, also: tuple[Path, ...] = (), write: bool = True) -
     new, old = record(stage, config), read_manifest(config)
     if old is not None and not any(_occupied(p, folder and p == output) for p in (output, *also)):
         old = None  # a manifest left by a run that stopped before writing anything
+    if old is not None and old.get("resolved") and not changes(old, new):
+        new["resolved"] = old["resolved"]  # a resumed run: what its first run resolved still holds
     overwrite = getattr(config, "overwrite", False)
     if old is None:
         foreign = [p for p in (output, *also) if _occupied(p, folder and p == output)]
@@ -203,12 +222,19 @@ def claim(stage: str, config, also: tuple[Path, ...] = (), write: bool = True) -
             raise AftError(f"{output} was made with other settings: {'; '.join(changed)}. Pass --overwrite to "
                            "replace it, or choose another output")
         stale_files = [output, *also] if overwrite else []
-    if not write or int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0"))) != 0:
+    if not write or not _main_process():
         return
     for path in stale_files:
         _remove(path)
-    path = manifest_path(output, folder)
+    _write_manifest(manifest_path(output, folder), new)
+
+
+def _main_process() -> bool:
+    return int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0"))) == 0
+
+
+def _write_manifest(path: Path, manifest: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(new, indent=1) + "\n")
+    tmp.write_text(json.dumps(manifest, indent=1) + "\n")
     os.replace(tmp, path)

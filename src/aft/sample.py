@@ -23,7 +23,7 @@ from aft.generation import (GenerationFields, dtype_name, for_generation, genera
                             truncate_at_stop)
 from aft.generation import generate as generate_batch
 from aft.models import ModelFields, load_model, load_tokenizer
-from aft.provenance import OutputFields, claim
+from aft.provenance import OutputFields, claim, note_resolved, resolved
 from aft.tasks import TaskFields
 
 
@@ -121,11 +121,13 @@ def sample(config: SampleConfig) -> str:
     shard = output if state.num_processes == 1 else output.with_name(f"{output.name}.shard{state.process_index}")
     done = {**read_done(output), **read_done(shard)}
     model = load_model(config.model, config.model_dtype, config.trust_remote_code).to(state.device).eval()
-    dtype = generation_dtype(config.gen_dtype, state.device)
+    # a resumed run generates in the dtype its first run resolved `auto` to (perhaps on another machine)
+    dtype = generation_dtype((resolved(config, "gen_dtype") if done else None) or config.gen_dtype, state.device)
     if state.num_processes > 1:  # every process generates in rank 0's dtype, whatever its own probe found
         from accelerate.utils import broadcast_object_list
 
         dtype = broadcast_object_list([dtype])[0]
+    note_resolved(config, "gen_dtype", dtype_name(dtype))
     model = for_generation(model, dtype)
     if state.is_main_process:  # what `auto` resolved to: the samples depend on it
         print(f"sample: generating in {dtype_name(dtype)}")
