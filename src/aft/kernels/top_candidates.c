@@ -3,11 +3,13 @@
 
    In PyTorch the top-k pass, and the rest's log-sum-exp (a float32 copy of the rows, a division, a scatter
    and the reduction) were a tenth of `aft sample`'s time on SmolLM2-135M (256 rows of 49,152 logits a
-   step). Here a row is read three times from the core's cache: once for its top k, held in a heap whose
-   smallest is skipped past 16 logits at a time; once for the rest's sum; once written. The order is
-   (value, then the lower token id first): of logits equal to the k-th value, the lowest ids are taken.
+   step). Here a row is read twice: once for its top k, held in a heap whose lowest is skipped past 16
+   logits at a time, and once for the rest's sum. The order is the value, then the lower token id first: of
+   logits equal to the k-th value, the lowest ids are taken.
 
-   rest = m / T + log(sum over the rest of exp((x - m) / T)), m the k-th value: every term is at most 1; a rest whose sum underflows (all of it 87 below the k-th value) is -inf, as it can never win. */
+   rest = m / T + log(sum over the rest of exp((x - m) / T)), m the k-th value: every term is at most 1; a
+   rest whose sum underflows (all of it more than 87 T below the k-th value) is -inf: it cannot win. NaN
+   logits are neither candidates nor in the rest. */
 
 #include <math.h>
 #include <omp.h>
