@@ -40,7 +40,9 @@ def launch(args, processes: int, timeout: int = 300, script=None):
            "--num_processes", str(processes), "--main_process_port", str(_free_port()), *([script] if script else ["-m", "aft.cli"]), *args]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    # each rank's own error first: the tail alone can be another rank's report that its peer went away
+    errors = [line for line in out.stderr.splitlines() if "Error" in line and "[rank" in line][:20]
+    assert out.returncode == 0, "\n".join(errors) + "\n...\n" + out.stdout[-3000:] + out.stderr[-3000:]
     return out
 
 
