@@ -108,7 +108,7 @@ class LlamaDecodeStep:
             mask = torch.zeros(attend.shape, dtype=h.dtype, device=h.device).masked_fill_(~attend, float("-inf"))
             mask = mask[:, None, None, :]
         h, normed = self._add_norm(h, None, self.layers[0][0])
-        for i, ((_, qkv, out, norm2, gate_up, down), layer) in enumerate(zip(self.layers, cache_layers)):
+        for i, ((_, qkv, *_), layer) in enumerate(zip(self.layers, cache_layers)):
             q, k, v = qkv(normed)
             q, k = self._rotate(q, cos, sin, self.heads), self._rotate(k, cos, sin, self.kv_heads)
             keys, values = layer.update(k[:, :, None], v.view(rows, self.kv_heads, 1, d))  # written in place
@@ -118,10 +118,7 @@ class LlamaDecodeStep:
                 o = decode_attention(q, keys, values, spans, self.scaling)
             else:
                 o = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=self.scaling)
-            h, normed = self._add_norm(h, out(o.reshape(rows, self.heads * d)), norm2)
-            gate, up = gate_up(normed)
-            after = self.layers[i + 1][0] if i + 1 < len(self.layers) else self.final_norm
-            h, normed = self._add_norm(h, down(silu_mul(gate, up) if self.kernel else F.silu(gate) * up), after)
+            h, normed = self._rest_of_layer(i, h, o.reshape(rows, self.heads * d))
         return self.head(normed)
 
     @torch.no_grad()
@@ -141,18 +138,24 @@ class LlamaDecodeStep:
         heads_first = lambda x, n: x.reshape(batch, width, n, d).transpose(1, 2)  # noqa: E731
         written = []
         h, normed = self._add_norm(h, None, self.layers[0][0])
-        for i, (_, qkv, out, norm2, gate_up, down) in enumerate(self.layers):
+        for i, (_, qkv, *_) in enumerate(self.layers):
             q, k, v = qkv(normed)
             q, k = self._rotate(q, cos, sin, self.heads), self._rotate(k, cos, sin, self.kv_heads)
             k, v = heads_first(k, self.kv_heads), heads_first(v, self.kv_heads)
             o = F.scaled_dot_product_attention(heads_first(q, self.heads), k, v, attn_mask=sees, scale=self.scaling,
                                                enable_gqa=True)
             written.append((k, v))
-            h, normed = self._add_norm(h, out(o.transpose(1, 2).reshape(rows, self.heads * d)), norm2)
-            gate, up = gate_up(normed)
-            after = self.layers[i + 1][0] if i + 1 < len(self.layers) else self.final_norm
-            h, normed = self._add_norm(h, down(silu_mul(gate, up) if self.kernel else F.silu(gate) * up), after)
+            h, normed = self._rest_of_layer(i, h, o.transpose(1, 2).reshape(rows, self.heads * d))
         return self.head(normed.view(batch, width, -1)[:, -1]), written
+
+    def _rest_of_layer(self, i, h, attended):
+        """Layer i after its attention: the output product and the MLP, each added to the residual stream h,
+        and h normalised for what reads it next (layer i + 1, or the head). Returns (h, normalised h)."""
+        _, _, out, norm2, gate_up, down = self.layers[i]
+        h, normed = self._add_norm(h, out(attended), norm2)
+        gate, up = gate_up(normed)
+        after = self.layers[i + 1][0] if i + 1 < len(self.layers) else self.final_norm
+        return self._add_norm(h, down(silu_mul(gate, up) if self.kernel else F.silu(gate) * up), after)
 
     def _add_norm(self, h, delta, norm):
         """(h + delta, norm(h + delta)): the residual stream and its normalisation (``delta`` None: h's). With
