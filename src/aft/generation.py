@@ -348,15 +348,18 @@ def gumbel_max(logits: torch.Tensor, temperature: float, generators, candidates:
     if k == vocab:
         return token
     g_rest = gumbel(u[:, k])
+    # rows' logits / T with their candidates at -inf: the rest of the vocabulary
+    rest_of = lambda r: logits.index_select(0, r).float().div_(temperature).scatter_(-1, index[r], float("-inf"))  # noqa: E731
     if in_c:
         winners = (rest_lse + g_rest > best).nonzero()[:, 0]
+        rest = rest_of(winners)
     else:
         bound = top.min(-1).values.double() / temperature + math.log(vocab - k)  # of the rest's log-sum-exp
         check = (bound + g_rest >= best).nonzero()[:, 0]
-        rest = logits.index_select(0, check).float().div_(temperature).scatter_(-1, index[check], float("-inf"))
-        winners = check[rest.logsumexp(-1).double() + g_rest[check] > best[check]]
+        rest = rest_of(check)
+        wins = rest.logsumexp(-1).double() + g_rest[check] > best[check]
+        winners, rest = check[wins], rest[wins]
     if len(winners):
-        rest = logits.index_select(0, winners).float().div_(temperature).scatter_(-1, index[winners], float("-inf"))
         cdf = rest.softmax(-1).cumsum(-1)
         pick = torch.cat([torch.rand(1, generator=generators[r]) for r in winners.tolist()]).to(cdf.device)
         token[winners] = torch.searchsorted(cdf, (pick * cdf[:, -1])[:, None], right=True)[:, 0].clamp(max=vocab - 1)
