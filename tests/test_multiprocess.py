@@ -40,8 +40,10 @@ def launch(args, processes: int, timeout: int = 300, script=None):
            "--num_processes", str(processes), "--main_process_port", str(_free_port()), *([script] if script else ["-m", "aft.cli"]), *args]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
-    # each rank's own error first: the tail alone can be another rank's report that its peer went away
-    errors = [line for line in out.stderr.splitlines() if "Error" in line and "[rank" in line][:20]
+    # each rank's own error first: the tail alone can be another rank's report that its peer went away.
+    # A user-class error is one line `aft STAGE: error: ...` with no rank prefix.
+    errors = [line for line in out.stderr.splitlines()
+              if ("Error" in line and "[rank" in line) or line.startswith("aft ")][:20]
     assert out.returncode == 0, "\n".join(errors) + "\n...\n" + out.stdout[-3000:] + out.stderr[-3000:]
     return out
 
@@ -180,3 +182,22 @@ def test_aft_run_under_two_processes_writes_each_file_once(tmp_path):
     assert all((run / s / "DONE").exists() for s in ("init", "vft", "samples", "labeled", "eval_vft"))
     assert len((run / "labeled" / "groups.jsonl").read_text().splitlines()) == 6
     assert json.loads((run / "eval_vft" / "eval.json").read_text())["questions"] == 8
+
+
+def test_only_the_main_process_judges_an_output(tmp_path, monkeypatch):
+    """A second process used to check the output folder while the main one claimed it: seeing only the
+    manifest's .tmp it refused the folder as foreign, and a two-process CI run failed so."""
+    from aft.checks import AftError
+    from aft.provenance import claim
+    from aft.train import SFTConfig
+
+    out = tmp_path / "sft"
+    out.mkdir()
+    (out / "aft-manifest.json.tmp").write_text("{}")  # the main process between writing and renaming it
+    config = SFTConfig(model="tiny", task=TASK, output_dir=str(out))
+    monkeypatch.setenv("RANK", "1")
+    claim("sft", config)
+    assert [p.name for p in out.iterdir()] == ["aft-manifest.json.tmp"]  # nor did it write
+    monkeypatch.setenv("RANK", "0")  # the main process still refuses a folder it did not make
+    with pytest.raises(AftError, match="was not written by aft sft"):
+        claim("sft", config)

@@ -195,7 +195,14 @@ def claim(stage: str, config, also: tuple[Path, ...] = (), write: bool = True) -
     Raises ``AftError`` (nothing changed on disk) when the output is not this stage's own or was made with
     other settings and ``config.overwrite`` is off. Only the main process of a multi-process run writes;
     ``write=False`` only checks (a stage that loads a model first checks before it, claims after).
+
+    The other processes of a multi-process run neither check nor write: the main process decides, and the
+    launcher stops the others when it refuses. A second process looking at the output while the main one
+    claims it can see it half-claimed (the manifest's ``.tmp`` beside no manifest) and refuse it as foreign,
+    which failed a two-process CI run.
     """
+    if not _main_process():
+        return
     output, folder = output_of(config)
     if folder and output.exists() and not output.is_dir():
         raise AftError(f"--output_dir {output}: is a file, not a folder")
@@ -222,7 +229,7 @@ def claim(stage: str, config, also: tuple[Path, ...] = (), write: bool = True) -
             raise AftError(f"{output} was made with other settings: {'; '.join(changed)}. Pass --overwrite to "
                            "replace it, or choose another output")
         stale_files = [output, *also] if overwrite else []
-    if not write or not _main_process():
+    if not write:
         return
     for path in stale_files:
         _remove(path)

@@ -114,6 +114,7 @@ def sample(config: SampleConfig) -> str:
     output = Path(config.output)
     shards = tuple(output.with_name(f"{output.name}.shard{r}") for r in range(state.num_processes))
     claim("sample", config, also=shards if state.num_processes > 1 else ())  # from here on, output is ours
+    state.wait_for_everyone()  # no process writes its shard before the main one has claimed (or refused) them
     if config.backend == "vllm":
         write_jsonl(output, [record(i, t) for i, t in enumerate(_vllm_generate(config, prompts))])
         return str(output)
