@@ -138,3 +138,45 @@ def test_help_lists_the_commands_not_the_pipeline_only_stages(capsys):
     out = capsys.readouterr().out
     assert "  eval " in out and "  grpo " in out
     assert "  merge " not in out and "  convert " not in out
+
+
+EXIT_SCRIPT = """
+import atexit, sys, threading, time
+from pathlib import Path
+import aft.cli
+
+class AtTeardown:
+    def __del__(self):
+        sys.stderr.write("torn down\\n")
+
+kept = AtTeardown()  # a module global: deleted only by the interpreter's teardown
+atexit.register(lambda: sys.stderr.write("atexit ran\\n"))
+if sys.argv[1] == "thread":  # a thread that is not a daemon, still working when the command ends
+    threading.Thread(target=lambda: (time.sleep(0.3), Path(sys.argv[2]).write_text("finished"))).start()
+sys.stdout.write("buffered, no newline")
+aft.cli.exit_now(3)
+"""
+
+
+def test_exit_now_skips_teardown_but_not_atexit_or_buffered_output(tmp_path):
+    import subprocess
+    import sys
+
+    script = tmp_path / "exit.py"
+    script.write_text(EXIT_SCRIPT)
+    fast = subprocess.run([sys.executable, str(script), "plain"], capture_output=True, text=True)
+    assert fast.returncode == 3
+    assert fast.stdout == "buffered, no newline"
+    assert fast.stderr == "atexit ran\n"  # and not "torn down": the teardown was skipped
+    # a thread still working gets the ordinary exit, which waits for it (and tears down)
+    done = tmp_path / "thread.txt"
+    waited = subprocess.run([sys.executable, str(script), "thread", str(done)], capture_output=True, text=True)
+    assert waited.returncode == 3 and done.read_text() == "finished"
+    assert "atexit ran" in waited.stderr and "torn down" in waited.stderr
+
+
+def test_the_aft_command_is_run():
+    from importlib.metadata import entry_points
+
+    (script,) = [e for e in entry_points(group="console_scripts") if e.name == "aft"]
+    assert script.value == "aft.cli:run"
