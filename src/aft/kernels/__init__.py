@@ -167,9 +167,7 @@ def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, 
     kv_heads, G, D) bfloat16. Raises where the kernel is unavailable (``decode_attention_available``) or the
     inputs do not fit it."""
     rows, heads, groups, head_dim = q.shape
-    function = _attention(groups, head_dim)
-    if function is None:
-        raise RuntimeError("the decode attention kernel is not available on this machine")
+    function = _required(_attention(groups, head_dim), "the decode attention kernel is")
     for name, x in (("q", q), ("keys", keys), ("values", values)):
         if x.dtype != torch.bfloat16 or x.device.type != "cpu":
             raise ValueError(f"{name} must be a bfloat16 CPU tensor, got {x.dtype} on {x.device}")
@@ -189,11 +187,15 @@ def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, 
     return out
 
 
+def _required(loaded, what: str):
+    """``loaded`` (a library or function from ``_library``); where it is None, the RuntimeError saying so."""
+    if loaded is None:
+        raise RuntimeError(f"{what} not available on this machine")
+    return loaded
+
+
 def _pointwise():
-    library = _library("decode_pointwise.c")
-    if library is None:
-        raise RuntimeError("the decode step's element-wise kernels are not available on this machine")
-    return library
+    return _required(_library("decode_pointwise.c"), "the decode step's element-wise kernels are")
 
 
 def _rows(*tensors: torch.Tensor) -> None:
@@ -260,9 +262,7 @@ def top_candidates(logits: torch.Tensor, k: int, temperature: float):
     rows, vocab = logits.shape
     if not 0 < k <= vocab or temperature <= 0:
         raise ValueError(f"top_candidates: k {k} of {vocab} logits at temperature {temperature}")
-    library = _library("top_candidates.c")
-    if library is None:
-        raise RuntimeError("the sampler's kernel is not available on this machine")
+    library = _required(_library("top_candidates.c"), "the sampler's kernel is")
     values, ids = torch.empty(rows, k), torch.empty(rows, k, dtype=torch.int64)
     rest = torch.empty(rows, dtype=torch.float64)
     if library.top_candidates(logits.data_ptr(), rows, vocab, logits.stride(0), k, temperature, values.data_ptr(),
